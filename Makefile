@@ -1,0 +1,30 @@
+# Every target creates .venv on first use; nothing relies on what was installed by hand.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m target_service.demo
+
+# pytest exits 5 when it collects no tests; that is not a failure.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/service_throughput.py
+	$(BIN)/python benchmarks/mi_matrix.py --n 2000
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) var results .pytest_cache

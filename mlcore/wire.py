@@ -1,0 +1,164 @@
+"""The HTTP contract: pydantic schemas shared by the target service and the attacker's client.
+
+Images travel as ``{"dtype": "uint8"|"float32", "shape": [n, C, H, W], "data": <base64, C order>}``
+or with ``data`` as nested lists (``shape`` then optional). uint8 values are intensities 0..255;
+float32 values must be finite and in [0, 1]. Response models are the contract: a label-only
+response has no field that could carry scores, and unknown fields are forbidden.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+WIRE_DTYPES: dict[str, np.dtype] = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
+
+
+class WireError(ValueError):
+    """An encoded tensor that does not decode to valid images; the message names the problem."""
+
+
+class TensorTooLarge(WireError):
+    """The tensor declares more values than the receiver accepts."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EncodedTensor(_Strict):
+    dtype: Literal["uint8", "float32"]
+    shape: list[int] | None = Field(default=None, max_length=8)
+    data: str | list[Any]
+
+
+class PredictRequest(_Strict):
+    inputs: EncodedTensor
+    request_id: str | None = Field(default=None, min_length=1, max_length=128)
+
+
+class _Usage(_Strict):
+    queries_used: int
+    queries_remaining: int
+
+
+class LabelsResponse(_Usage):
+    """Label-only answer (the default policy): one predicted class per image, nothing else."""
+
+    labels: list[int]
+
+
+class TopKResponse(_Usage):
+    """The k most likely classes per image, most likely first; ``labels`` is the first of each."""
+
+    labels: list[int]
+    top_k: list[list[int]]
+
+
+class ProbabilitiesResponse(_Usage):
+    """Class probabilities rounded to a few decimals (a common MLaaS output)."""
+
+    labels: list[int]
+    probabilities: list[list[float]]
+
+
+PredictResponse = LabelsResponse | TopKResponse | ProbabilitiesResponse
+
+
+class ModelInfo(_Strict):
+    name: str
+    dataset: str
+    input_shape: list[int]
+    input_dtypes: list[str]
+    num_classes: int
+    output_policy: str
+
+
+class ModelList(_Strict):
+    models: list[ModelInfo]
+
+
+class ErrorDetail(_Strict):
+    code: str
+    message: str
+
+
+class ErrorResponse(_Strict):
+    error: ErrorDetail
+
+
+def encode_tensor(array: np.ndarray) -> EncodedTensor:
+    """uint8 or float32 array -> base64 payload (C order, little endian)."""
+    array = np.asarray(array)
+    if array.dtype == np.uint8:
+        dtype = "uint8"
+    elif array.dtype in (np.float32, np.float64):
+        dtype, array = "float32", array.astype("<f4")
+    else:
+        raise WireError(f"dtype must be uint8 or float32, got {array.dtype}")
+    data = base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
+    return EncodedTensor(dtype=dtype, shape=list(array.shape), data=data)
+
+
+def decode_tensor(payload: EncodedTensor, *, max_elements: int | None = None) -> np.ndarray:
+    """Payload -> numpy array, validating length, shape and values. Raises WireError."""
+    dtype = WIRE_DTYPES[payload.dtype]
+    if isinstance(payload.data, str):
+        array = _decode_base64(payload, dtype, max_elements)
+    else:
+        array = _decode_lists(payload, dtype)
+    if dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise WireError("inputs contain NaN or infinity")
+        if array.size and (array.min() < 0.0 or array.max() > 1.0):
+            raise WireError(
+                f"float32 inputs must lie in [0, 1], got values in [{array.min():g}, {array.max():g}]"
+            )
+    return array
+
+
+def _decode_base64(payload: EncodedTensor, dtype: np.dtype, max_elements: int | None) -> np.ndarray:
+    if payload.shape is None:
+        raise WireError("shape is required when data is base64")
+    if any(dim < 0 for dim in payload.shape):
+        raise WireError(f"shape must not have negative dimensions, got {payload.shape}")
+    expected = int(np.prod(payload.shape, dtype=np.int64)) if payload.shape else 1
+    if max_elements is not None and expected > max_elements:
+        raise TensorTooLarge(
+            f"shape {payload.shape} has {expected} values, more than {max_elements}"
+        )
+    try:
+        raw = base64.b64decode(payload.data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise WireError(f"data is not valid base64: {exc}") from None
+    if len(raw) != expected * dtype.itemsize:
+        raise WireError(
+            f"data has {len(raw)} bytes but shape {payload.shape} of {payload.dtype} "
+            f"needs {expected * dtype.itemsize}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(payload.shape)
+
+
+def _decode_lists(payload: EncodedTensor, dtype: np.dtype) -> np.ndarray:
+    try:
+        values = np.asarray(payload.data, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise WireError("data lists must be rectangular and hold only numbers") from None
+    if payload.shape is not None and list(values.shape) != payload.shape:
+        raise WireError(
+            f"data lists have shape {list(values.shape)} but shape says {payload.shape}"
+        )
+    if dtype == np.uint8:
+        if not np.isfinite(values).all():
+            raise WireError("inputs contain NaN or infinity")
+        if (
+            (values != np.round(values)).any()
+            or values.min(initial=0) < 0
+            or values.max(initial=0) > 255
+        ):
+            raise WireError("uint8 inputs must be whole numbers in 0..255")
+    return values.astype(dtype)

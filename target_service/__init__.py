@@ -1,0 +1,1 @@
+"""The MLaaS target: hosted classifiers behind API keys, budgets and label-only answers."""

@@ -1,0 +1,83 @@
+"""``target-service``: train the hosted targets, and serve them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="The mlaas-range target service.", no_args_is_help=True)
+console = Console()
+
+
+@app.command()
+def train(
+    models: Annotated[
+        list[str] | None, typer.Option("--model", "-m", help="Model(s) to train.")
+    ] = None,
+    checkpoint_dir: Annotated[Path, typer.Option(help="Where checkpoints go.")] = Path(
+        "checkpoints"
+    ),
+    data_root: Annotated[Path | None, typer.Option(help="Root of full datasets.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Override the epochs.")] = None,
+) -> None:
+    """Train the default targets into checkpoints and print their test accuracy."""
+    from target_service.settings import DEFAULT_MODELS
+    from target_service.zoo import TARGETS, train_target
+
+    names = models or DEFAULT_MODELS
+    unknown = [name for name in names if name not in TARGETS]
+    if unknown:
+        raise typer.BadParameter(f"unknown model(s) {unknown}; known: {sorted(TARGETS)}")
+    table = Table("model", "test data", "test accuracy", "epochs", "seconds", "checkpoint")
+    for name in names:
+        with console.status(f"training {name}..."):
+            path = train_target(TARGETS[name], checkpoint_dir, data_root=data_root, epochs=epochs)
+        from mlcore.checkpoints import load_checkpoint
+
+        metrics = load_checkpoint(path).metrics
+        table.add_row(
+            name,
+            metrics["test_data"],
+            f"{metrics['test_accuracy']:.2%}",
+            str(metrics["epochs"]),
+            str(metrics["train_seconds"]),
+            str(path),
+        )
+    console.print(table)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    state_dir: Annotated[Path | None, typer.Option(help="Overrides TARGET_STATE_DIR.")] = None,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="Overrides TARGET_CHECKPOINT_DIR.")
+    ] = None,
+    log_level: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Serve the hosted models (settings from TARGET_* environment variables)."""
+    import uvicorn
+
+    from target_service.app import create_app
+    from target_service.settings import Settings
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides = {
+        key: value
+        for key, value in {"state_dir": state_dir, "checkpoint_dir": checkpoint_dir}.items()
+        if value is not None
+    }
+    settings = Settings(**overrides)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+
+
+if __name__ == "__main__":
+    app()

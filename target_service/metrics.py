@@ -1,0 +1,25 @@
+"""Prometheus metrics, one registry per app so that several apps can live in one process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.queries = Counter(
+            "mlaas_queries", "Images answered and charged", ["model"], registry=self.registry
+        )
+        self.requests = Counter(
+            "mlaas_predict_requests", "Predict requests answered", ["model"], registry=self.registry
+        )
+        self.refusals = Counter(
+            "mlaas_refusals", "Requests refused, by error code", ["code"], registry=self.registry
+        )
+        self.alarms = Counter(
+            "mlaas_alarms", "Detector alarms raised", ["model", "detector"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "mlaas_predict_seconds", "Predict latency", ["model"], registry=self.registry
+        )

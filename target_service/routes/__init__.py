@@ -1,0 +1,1 @@
+"""HTTP routes: ``public`` (health, metrics, models, predict) and ``admin`` (clients)."""

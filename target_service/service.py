@@ -1,0 +1,117 @@
+"""The prediction service without HTTP: validate, answer, charge, in that order.
+
+Nothing is charged until the answer exists and every check has passed; the charge, the ledger
+entry and the stored answer then land in one transaction (see ``state.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlcore.wire import PredictRequest, TensorTooLarge, WireError, decode_tensor
+from target_service.errors import BudgetExhausted, InvalidInput, NotFound, PayloadTooLarge
+from target_service.metrics import ServiceMetrics
+from target_service.rate_limit import RateLimiter
+from target_service.settings import Settings
+from target_service.state import Client, StateStore
+from target_service.zoo import HostedModel
+
+logger = logging.getLogger(__name__)
+
+
+class TargetService:
+    def __init__(
+        self,
+        settings: Settings,
+        store: StateStore,
+        models: dict[str, HostedModel],
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.models = models
+        self.metrics = metrics
+        self.rate_limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
+
+    def model(self, name: str) -> HostedModel:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise NotFound(
+                f"no model named {name!r}; hosted: {sorted(self.models)}", code="unknown_model"
+            ) from None
+
+    def predict(self, client: Client, name: str, request: PredictRequest) -> dict[str, Any]:
+        started = time.perf_counter()
+        hosted = self.model(name)
+        self.rate_limiter.check(client.client_id)
+        images = self._decode(hosted, request)
+        fingerprint = _fingerprint(name, images)
+        if request.request_id is not None:
+            stored = self.store.replay(client.client_id, request.request_id, fingerprint)
+            if stored is not None:
+                return stored
+        if len(images) > client.remaining:  # cheap early refusal; the charge re-checks atomically
+            raise BudgetExhausted(
+                f"a batch of {len(images)} images does not fit the remaining budget of "
+                f"{client.remaining} queries"
+            )
+        answer = hosted.policy.render(hosted.logits(torch.from_numpy(_as_float(images))))
+        charge = self.store.charge(
+            client.client_id,
+            model=name,
+            images=len(images),
+            request_id=request.request_id,
+            fingerprint=fingerprint,
+            response=answer,
+        )
+        if not charge.replayed:
+            self.metrics.queries.labels(name).inc(len(images))
+            self.metrics.requests.labels(name).inc()
+            self.metrics.latency.labels(name).observe(time.perf_counter() - started)
+        return charge.response
+
+    def _decode(self, hosted: HostedModel, request: PredictRequest) -> np.ndarray:
+        limit = self.settings.max_batch * int(np.prod(hosted.input_shape))
+        try:
+            images = decode_tensor(request.inputs, max_elements=limit)
+        except TensorTooLarge as exc:
+            raise PayloadTooLarge(
+                f"{exc}: at most {self.settings.max_batch} images per request",
+                code="batch_too_large",
+            ) from None
+        except WireError as exc:
+            raise InvalidInput(str(exc)) from None
+        expected = list(hosted.input_shape)
+        if images.ndim != 4 or list(images.shape[1:]) != expected:
+            raise InvalidInput(
+                f"inputs must have shape [n, {', '.join(map(str, expected))}] for {hosted.name}, "
+                f"got {list(images.shape)}",
+                code="invalid_shape",
+            )
+        if len(images) == 0:
+            raise InvalidInput("inputs hold no images (empty batch)", code="empty_batch")
+        if len(images) > self.settings.max_batch:
+            raise PayloadTooLarge(
+                f"a batch of {len(images)} images is over the limit of {self.settings.max_batch}",
+                code="batch_too_large",
+            )
+        return images
+
+
+def _as_float(images: np.ndarray) -> np.ndarray:
+    return (
+        images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
+    )
+
+
+def _fingerprint(model: str, images: np.ndarray) -> str:
+    digest = hashlib.sha256(f"{model}|{images.dtype}|{images.shape}|".encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    return digest.hexdigest()

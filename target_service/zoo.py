@@ -1,0 +1,140 @@
+"""The hosted models: what each target is, how it is trained, and loading it from a checkpoint.
+
+A missing checkpoint is trained on first start (and logged), so a fresh clone serves real
+models without any download.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from defenses.output_policies import OutputPolicy, parse_policy
+from mlcore.architectures import build_model
+from mlcore.checkpoints import load_checkpoint, save_checkpoint
+from mlcore.datasets import DATASETS, load_dataset
+from mlcore.training import accuracy, fit, predict_logits, seed_everything
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """How a hosted target is built: architecture, data and training schedule."""
+
+    name: str
+    arch: str
+    train_data: str
+    test_data: str
+    epochs: int
+    batch_size: int = 32
+    seed: int = 0
+
+    @property
+    def dataset(self) -> str:
+        return self.train_data.partition(":")[0]
+
+
+TARGETS: dict[str, TargetSpec] = {
+    spec.name: spec
+    for spec in [
+        TargetSpec(
+            "lenet5-mnist", "lenet5", "mnist-embedded:target-train", "mnist-embedded:test", 15
+        ),
+        TargetSpec("c3f2-mnist", "c3f2", "mnist-embedded:target-train", "mnist-embedded:test", 10),
+        TargetSpec("dnn5-mnist", "dnn5", "mnist-embedded:target-train", "mnist-embedded:test", 30),
+        TargetSpec("resnet18-cifar10", "resnet18", "cifar10:target-train", "cifar10:test", 30, 64),
+    ]
+}
+
+
+@dataclass
+class HostedModel:
+    name: str
+    dataset: str
+    model: nn.Module
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    policy: OutputPolicy
+    metrics: dict
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return predict_logits(self.model, images)
+
+
+def checkpoint_path(checkpoint_dir: Path, name: str) -> Path:
+    return checkpoint_dir / f"{name}.pt"
+
+
+def train_target(
+    spec: TargetSpec,
+    checkpoint_dir: Path,
+    *,
+    data_root: Path | None = None,
+    epochs: int | None = None,
+) -> Path:
+    """Train one target from scratch, evaluate it on its test split and save the checkpoint."""
+    train = load_dataset(spec.train_data, data_root=data_root)
+    test = load_dataset(spec.test_data, data_root=data_root)
+    arch_kwargs = {"in_channels": train.input_shape[0], "num_classes": train.num_classes}
+    seed_everything(spec.seed)
+    model = build_model(spec.arch, **arch_kwargs)
+    epochs = epochs or spec.epochs
+    started = time.perf_counter()
+    fit(
+        model, train.images, train.labels, epochs=epochs, batch_size=spec.batch_size, seed=spec.seed
+    )
+    metrics = {
+        "test_accuracy": accuracy(model, test.images, test.labels),
+        "test_data": spec.test_data,
+        "train_size": len(train),
+        "epochs": epochs,
+        "train_seconds": round(time.perf_counter() - started, 1),
+    }
+    logger.info("trained %s: test accuracy %.4f", spec.name, metrics["test_accuracy"])
+    return save_checkpoint(
+        checkpoint_path(checkpoint_dir, spec.name),
+        model,
+        arch=spec.arch,
+        arch_kwargs=arch_kwargs,
+        dataset=spec.train_data,
+        metrics=metrics,
+    )
+
+
+def load_hosted(
+    name: str,
+    checkpoint_dir: Path,
+    *,
+    policy: str = "label-only",
+    train_missing: bool = True,
+    data_root: Path | None = None,
+    epochs: int | None = None,
+) -> HostedModel:
+    if name not in TARGETS:
+        raise ValueError(f"model must be one of {sorted(TARGETS)}, got {name!r}")
+    spec = TARGETS[name]
+    path = checkpoint_path(checkpoint_dir, name)
+    if not path.exists():
+        if not train_missing:
+            raise FileNotFoundError(
+                f"no checkpoint for {name} at {path} (run `target-service train`)"
+            )
+        logger.warning("no checkpoint for %s at %s: training it now (first start)", name, path)
+        train_target(spec, checkpoint_dir, data_root=data_root, epochs=epochs)
+    checkpoint = load_checkpoint(path)
+    info = DATASETS[spec.dataset]
+    return HostedModel(
+        name=name,
+        dataset=spec.dataset,
+        model=checkpoint.model,
+        input_shape=info.input_shape,
+        num_classes=info.num_classes,
+        policy=parse_policy(policy),
+        metrics=checkpoint.metrics,
+    )
