@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(public.router)
     app.include_router(admin.router)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestBodyGuard, max_bytes=settings.max_body_bytes)
     _install_error_handlers(app)
     return app
 
@@ -101,8 +101,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         return refuse(request, 500, "internal_error", "internal error; nothing was charged")
 
 
-class BodyLimit:
-    """Refuse bodies over ``max_bytes`` with 413 before anything parses them."""
+class RequestBodyGuard:
+    """Refuse bodies over ``max_bytes`` with 413 before anything parses them, and read a JSON
+    object body as JSON whatever Content-Type came with it (``curl -d`` says form-urlencoded).
+
+    Relaxing the Content-Type is safe here: every route needs an ``Authorization`` header, which
+    a cross-site browser request cannot send without a CORS preflight.
+    """
 
     def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -127,6 +132,9 @@ class BodyLimit:
                 return
             more = message.get("more_body", False)
         body, replayed = b"".join(chunks), False
+        if body.lstrip()[:1] == b"{":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
 
         async def replay() -> Message:
             nonlocal replayed

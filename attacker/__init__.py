@@ -1,0 +1,1 @@
+"""The attacker: oracle clients, query selection, extraction, transfer attacks and reports."""

@@ -1,0 +1,362 @@
+"""``attacker``: select queries, buy labels, train a substitute, and report.
+
+attacker select  --method drmi --pool mnist-embedded:pool --k 300 -o drmi300.json
+attacker extract --url URL --api-key KEY --model lenet5-mnist --selection drmi300.json -o sub.pt
+attacker run     --url URL --api-key KEY --model lenet5-mnist --method drmi --k 300 --report-dir r/
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    help="The mlaas-range attacker: DRMI query selection and model extraction.",
+    no_args_is_help=True,
+)
+console = Console(stderr=True)
+
+DEFAULT_CACHE = Path.home() / ".cache" / "mlaas-range" / "answers.sqlite3"
+
+Url = Annotated[str, typer.Option(help="Target service URL.", envvar="ATTACKER_URL")]
+ApiKey = Annotated[str, typer.Option(help="Your API key.", envvar="ATTACKER_API_KEY")]
+Model = Annotated[str, typer.Option(help="Hosted model name.")]
+Pool = Annotated[str, typer.Option(help="The attacker's own labelled pool, name:split.")]
+TestSet = Annotated[str, typer.Option("--test", help="Test set, name:split.")]
+DataRoot = Annotated[Path | None, typer.Option(help="Root of full datasets (for mnist, usps...).")]
+Arch = Annotated[str, typer.Option(help="Substitute architecture.")]
+Epochs = Annotated[int, typer.Option(min=1, help="Substitute training epochs.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Substitute batch size (paper: 4 on MNIST).")]
+Seed = Annotated[int, typer.Option(help="Seed of the random baseline and of training.")]
+EvalKey = Annotated[
+    str | None,
+    typer.Option(
+        help="A separate API key used only to label the test set, for the agreement figure "
+        "(kept apart so evaluation never spends the attack's budget).",
+        envvar="ATTACKER_EVAL_API_KEY",
+    ),
+]
+CachePath = Annotated[Path, typer.Option(help="Answer cache: a re-run never re-buys a label.")]
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per request is noise
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _selector_params(
+    method: str, *, alpha: float, init: str, bins: int, starts: int | None, seed: int
+) -> dict:
+    if method == "drmi":
+        return {"alpha": alpha, "init": init, "bins": bins, "starts": starts}
+    return {"seed": seed}
+
+
+def _select(pool_spec: str, data_root: Path | None, method: str, k: int, params: dict[str, Any]):
+    from attacker.selection import Selection, make_selector
+    from mlcore.datasets import load_dataset
+
+    pool = load_dataset(pool_spec, data_root=data_root)
+    selector = make_selector(method, **params)  # DRMI reports its progress through logging
+    started = time.perf_counter()
+    result = selector(pool.images.numpy(), pool.labels.numpy(), k=k)
+    seconds = time.perf_counter() - started
+    return (
+        pool,
+        Selection.from_result(result, pool=pool_spec, method=method, params=params),
+        seconds,
+    )
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(code=2)
+
+
+@app.command()
+def select(
+    method: Annotated[str, typer.Option(help="drmi | random")] = "drmi",
+    pool: Pool = "mnist-embedded:pool",
+    k: Annotated[int, typer.Option(help="How many queries to select.")] = 300,
+    alpha: Annotated[float, typer.Option(help="DRMI: I = MI^alpha.")] = 2.0,
+    init: Annotated[str, typer.Option(help="DRMI: min-sum | min-max.")] = "min-sum",
+    bins: Annotated[
+        int, typer.Option(help="DRMI: histogram bins (256 = one per intensity).")
+    ] = 256,
+    starts: Annotated[
+        int | None, typer.Option(help="DRMI: start vertices (default all: exact).")
+    ] = None,
+    seed: Seed = 0,
+    data_root: DataRoot = None,
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("selection.json"),
+) -> None:
+    """Choose which pool images to buy labels for, and save the choice as JSON."""
+    try:
+        params = _selector_params(
+            method, alpha=alpha, init=init, bins=bins, starts=starts, seed=seed
+        )
+        _, selection, seconds = _select(pool, data_root, method, k, params)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+    selection.save(output)
+    console.print(f"selected {selection.k} of {pool} with {method} in {seconds:.1f} s -> {output}")
+
+
+def _oracle(
+    url: str,
+    api_key: str,
+    model: str,
+    cache: Path,
+    progress: Progress | None = None,
+    total: int = 0,
+):
+    from attacker.oracle import HttpOracle
+
+    on_batch = None
+    if progress is not None:
+        task = progress.add_task(f"buying labels from {model}", total=total)
+
+        def on_batch(n: int) -> None:
+            progress.advance(task, n)
+
+    return HttpOracle(url, api_key, model, cache_path=cache, on_batch=on_batch)
+
+
+def _target_labels(
+    url: str, eval_key: str | None, model: str, cache: Path, test
+) -> np.ndarray | None:
+    """The target's labels on the test set, bought with the separate evaluation key."""
+    if eval_key is None:
+        return None
+    with _oracle(url, eval_key, model, cache) as oracle:
+        return oracle.predict_labels(test.images.numpy())
+
+
+def _extract_and_evaluate(
+    *,
+    url: str,
+    api_key: str,
+    model: str,
+    pool,
+    selection,
+    test,
+    arch: str,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    cache: Path,
+    target_labels: np.ndarray | None,
+) -> tuple[Any, dict[str, Any]]:
+    from attacker.extraction import evaluate_substitute, extract
+
+    indices = np.asarray(selection.indices)
+    with (
+        _progress() as progress,
+        _oracle(url, api_key, model, cache, progress, total=len(indices)) as oracle,
+    ):
+        train_task = progress.add_task("training substitute", total=epochs, start=False)
+
+        def on_epoch(epoch: int, _epochs: int, _loss: float) -> None:
+            progress.start_task(train_task)
+            progress.update(train_task, completed=epoch)
+
+        result = extract(
+            oracle,
+            pool,
+            indices,
+            arch=arch,
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            progress=on_epoch,
+        )
+        paid = oracle.queries_bought
+    run = {
+        "method": selection.method,
+        "params": selection.params,
+        "k": selection.k,
+        "queries_bought": result.queries_bought,
+        "queries_paid": paid,
+        "budget_exhausted": result.budget_exhausted,
+        **evaluate_substitute(result.substitute, test, target_labels=target_labels),
+        "train_seconds": round(result.train_seconds, 2),
+        "seed": seed,
+    }
+    return result, run
+
+
+@app.command()
+def extract(
+    url: Url,
+    api_key: ApiKey,
+    model: Model = "lenet5-mnist",
+    selection_path: Annotated[
+        Path, typer.Option("--selection", help="From `attacker select`.")
+    ] = Path("selection.json"),
+    arch: Arch = "lenet5",
+    epochs: Epochs = 30,
+    batch_size: BatchSize = 4,
+    seed: Seed = 0,
+    test: TestSet = "mnist-embedded:test",
+    data_root: DataRoot = None,
+    eval_api_key: EvalKey = None,
+    cache: CachePath = DEFAULT_CACHE,
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("substitute.pt"),
+) -> None:
+    """Buy the selected labels and train a substitute; save it as a checkpoint."""
+    from attacker.oracle import OracleError
+    from attacker.selection import Selection
+    from mlcore.checkpoints import save_checkpoint
+    from mlcore.datasets import load_dataset
+
+    try:
+        selection = Selection.load(selection_path)
+        pool = load_dataset(selection.pool, data_root=data_root)
+        test_set = load_dataset(test, data_root=data_root)
+        labels = _target_labels(url, eval_api_key, model, cache, test_set)
+        result, run = _extract_and_evaluate(
+            url=url, api_key=api_key, model=model, pool=pool, selection=selection, test=test_set, arch=arch,
+            epochs=epochs, batch_size=batch_size, seed=seed, cache=cache, target_labels=labels,
+        )  # fmt: skip
+    except (OracleError, ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+    save_checkpoint(
+        output,
+        result.substitute,
+        arch=arch,
+        arch_kwargs=result.arch_kwargs,
+        dataset=selection.pool,
+        metrics=run,
+    )
+    _print_runs([run])
+    console.print(f"substitute -> {output}")
+
+
+@app.command()
+def run(
+    url: Url,
+    api_key: ApiKey,
+    model: Model = "lenet5-mnist",
+    method: Annotated[
+        list[str] | None, typer.Option(help="Selection method(s): drmi, random.")
+    ] = None,
+    k: Annotated[
+        list[int] | None, typer.Option(help="Budget(s) to try; one substitute each.")
+    ] = None,
+    pool: Pool = "mnist-embedded:pool",
+    test: TestSet = "mnist-embedded:test",
+    alpha: Annotated[float, typer.Option(help="DRMI: I = MI^alpha.")] = 2.0,
+    init: Annotated[str, typer.Option(help="DRMI: min-sum | min-max.")] = "min-sum",
+    bins: Annotated[int, typer.Option(help="DRMI: histogram bins.")] = 256,
+    starts: Annotated[int | None, typer.Option(help="DRMI: start vertices (default all).")] = None,
+    arch: Arch = "lenet5",
+    epochs: Epochs = 30,
+    batch_size: BatchSize = 4,
+    seed: Seed = 0,
+    data_root: DataRoot = None,
+    eval_api_key: EvalKey = None,
+    cache: CachePath = DEFAULT_CACHE,
+    report_dir: Annotated[Path, typer.Option(help="Where report.json / report.md go.")] = Path(
+        "reports"
+    ),
+) -> None:
+    """Select, extract and evaluate for each method and budget; write a report."""
+    from attacker.oracle import OracleError
+    from attacker.report import write_report
+    from mlcore.checkpoints import save_checkpoint
+    from mlcore.datasets import load_dataset
+
+    methods, budgets = method or ["drmi"], sorted(k or [300])
+    runs: list[dict[str, Any]] = []
+    try:
+        test_set = load_dataset(test, data_root=data_root)
+        labels = _target_labels(url, eval_api_key, model, cache, test_set)
+        for method_name in methods:
+            for budget in budgets:
+                params = _selector_params(
+                    method_name, alpha=alpha, init=init, bins=bins, starts=starts, seed=seed
+                )
+                pool_set, selection, select_seconds = _select(
+                    pool, data_root, method_name, budget, params
+                )
+                result, record = _extract_and_evaluate(
+                    url=url, api_key=api_key, model=model, pool=pool_set, selection=selection, test=test_set,
+                    arch=arch, epochs=epochs, batch_size=batch_size, seed=seed, cache=cache, target_labels=labels,
+                )  # fmt: skip
+                record["select_seconds"] = round(select_seconds, 2)
+                runs.append(record)
+                name = f"substitute-{method_name}-k{budget}.pt"
+                save_checkpoint(
+                    report_dir / name,
+                    result.substitute,
+                    arch=arch,
+                    arch_kwargs=result.arch_kwargs,
+                    dataset=pool,
+                    metrics=record,
+                )
+                if result.budget_exhausted:
+                    console.print("[yellow]budget exhausted: stopping here[/yellow]")
+                    break
+    except (OracleError, ValueError, FileNotFoundError) as exc:
+        if not runs:
+            raise _fail(exc) from None
+        console.print(f"[red]stopped:[/red] {exc}; reporting the runs finished so far")
+    meta = {
+        "url": url,
+        "model": model,
+        "pool": pool,
+        "test": test,
+        "arch": arch,
+        "epochs": epochs,
+        "batch_size": batch_size,
+    }
+    path = write_report(report_dir, runs, meta)
+    _print_runs(runs)
+    console.print(f"report -> {path} (and report.md)")
+
+
+def _print_runs(runs: list[dict[str, Any]]) -> None:
+    table = Table("method", "k", "bought", "paid", "substitute accuracy", "agreement with target")
+    for record in runs:
+        agreement = (
+            "n/a (no --eval-api-key)"
+            if record["agreement"] is None
+            else f"{record['agreement']:.2%}"
+        )
+        table.add_row(
+            record["method"],
+            str(record["k"]),
+            str(record["queries_bought"]),
+            str(record["queries_paid"]),
+            f"{record['substitute_accuracy']:.2%}",
+            agreement,
+        )
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    app()

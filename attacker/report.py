@@ -1,0 +1,76 @@
+"""Run reports a person can read: ``report.json`` (the stable interface), ``report.md`` and,
+when several budgets were run, ``accuracy_vs_queries.png``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.2%}" if 0.0 <= value <= 1.0 else f"{value:.3g}"
+    return str(value)
+
+
+def write_report(report_dir: str | Path, runs: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
+    """Write the report of one or more extraction runs; the last run is the headline.
+
+    ``report.json`` has the headline run's fields at the top level (``method``, ``k``,
+    ``queries_bought``, ``substitute_accuracy``, ``agreement``...) plus ``runs`` and ``meta``.
+    """
+    if not runs:
+        raise ValueError("a report needs at least one run")
+    folder = Path(report_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    report = {**runs[-1], "runs": runs, "meta": meta}
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    columns = [
+        "method",
+        "k",
+        "queries_bought",
+        "queries_paid",
+        "substitute_accuracy",
+        "agreement",
+        "train_seconds",
+    ]
+    lines = [
+        f"# Extraction report: {meta.get('model', '?')} at {meta.get('url', 'local')}",
+        "",
+        f"Pool `{meta.get('pool')}`, substitute `{meta.get('arch')}`, test set `{meta.get('test')}`.",
+        "`queries_bought` = labels the substitute learnt from; `queries_paid` = new charges in this"
+        " run (labels already in the answer cache are free).",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    lines += ["| " + " | ".join(_fmt(run.get(col)) for col in columns) + " |" for run in runs]
+    if len({run["k"] for run in runs}) > 1:
+        _plot(folder / "accuracy_vs_queries.png", runs)
+        lines += ["", "![substitute accuracy against queries](accuracy_vs_queries.png)"]
+    (folder / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder / "report.json"
+
+
+def _plot(path: Path, runs: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in sorted({run["method"] for run in runs}):
+        points = sorted(
+            (run["k"], run["substitute_accuracy"]) for run in runs if run["method"] == method
+        )
+        ax.plot([k for k, _ in points], [acc for _, acc in points], marker="o", label=method)
+    ax.set_xlabel("queries (labels bought)")
+    ax.set_ylabel("substitute test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
