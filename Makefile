@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m target_service.demo
+	$(BIN)/python scripts/demo.py
 
 # pytest exits 5 when it collects no tests; that is not a failure.
 test: $(STAMP)

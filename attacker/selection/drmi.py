@@ -204,7 +204,7 @@ def drmi_subset(
         if best is None or h[i] < best.H:  # strict: an equal H from a later start loses
             best = SubsetResult(final[i].copy(), float(h[i]), int(t[first[i]]), int(swaps[i]))
     assert best is not None  # at least one start vertex always runs
-    logger.info(
+    logger.debug(
         "DRMI n=%d k=%d init=%s: %d starts (%d distinct initial sets within chunks), H=%.6g "
         "from start %d after %d swaps, %.2fs",
         n, k, init, len(start_vertices), distinct_sets, best.H, best.start, best.swaps,
