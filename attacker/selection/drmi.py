@@ -31,6 +31,7 @@ in tests/attacker/test_selection.py):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -72,6 +73,9 @@ class DrmiSelector(Selector):
     k is split evenly over the classes (``split_budget``), as the paper picks the same number of
     samples per label. ``per_class[c]`` reports k, n, H, the winning start (a pool index) and
     its swap count. ``progress`` receives one line per step, for CLIs that show progress.
+
+    The MI matrix is the expensive part and does not depend on alpha, init or k: selectors that
+    share one ``mi_cache`` dict (benchmarks sweeping those) compute it once per class.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class DrmiSelector(Selector):
         starts: int | None = None,
         seed: int = 0,
         progress: Callable[[str], None] | None = None,
+        mi_cache: dict[tuple, np.ndarray] | None = None,
     ) -> None:
         if (
             isinstance(alpha, bool)
@@ -107,6 +112,7 @@ class DrmiSelector(Selector):
         self.starts = None if starts is None else int(starts)
         self.seed = int(seed)
         self.progress = progress
+        self.mi_cache = mi_cache
 
     @property
     def params(self) -> dict[str, Any]:
@@ -119,9 +125,6 @@ class DrmiSelector(Selector):
         }
 
     def run(self, images: np.ndarray, labels: np.ndarray, *, k: int) -> SelectionResult:
-        # Imported here: numba compiles on first use, and nothing heavy should run at import.
-        from mlcore.mutual_information import mutual_information_matrix
-
         classes, counts = np.unique(labels, return_counts=True)
         budget = split_budget(
             {int(c): int(n) for c, n in zip(classes, counts, strict=True)}, k, proportional=False
@@ -133,8 +136,9 @@ class DrmiSelector(Selector):
             per_class[c] = {"k": k_c, "n": len(members)}
             if k_c == 0:
                 continue
-            self._report(f"DRMI class {c}: mutual information of {len(members)} images")
-            weights = mutual_information_matrix(images[members], bins=self.bins)
+            weights = self._mutual_information(c, images[members])
+            if self.mi_cache is not None:
+                weights = weights.copy()  # keep the cached MI untouched
             np.power(weights, self.alpha, out=weights)  # Eq. 2, in place: n x n can be large
             starts = None if self.starts is None else min(self.starts, len(members))
             subset = drmi_subset(weights, k_c, init=self.init, starts=starts, seed=self.seed)
@@ -146,6 +150,25 @@ class DrmiSelector(Selector):
                 f"after {subset.swaps} swaps"
             )
         return SelectionResult(indices=np.sort(np.concatenate(chosen)), per_class=per_class)
+
+    def _mutual_information(self, label: int, images: np.ndarray) -> np.ndarray:
+        """The class's MI matrix, from ``mi_cache`` when the same images were seen before."""
+        from mlcore.mutual_information import mutual_information_matrix
+
+        key = None
+        if self.mi_cache is not None:
+            key = (
+                label,
+                self.bins,
+                hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest(),
+            )
+            if key in self.mi_cache:
+                return self.mi_cache[key]
+        self._report(f"DRMI class {label}: mutual information of {len(images)} images")
+        matrix = mutual_information_matrix(images, bins=self.bins)
+        if key is not None:
+            self.mi_cache[key] = matrix
+        return matrix
 
     def _report(self, message: str) -> None:
         logger.info("%s", message)
