@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from typing import Any, Literal
 
 import numpy as np
@@ -126,7 +127,7 @@ def _decode_base64(payload: EncodedTensor, dtype: np.dtype, max_elements: int | 
         raise WireError("shape is required when data is base64")
     if any(dim < 0 for dim in payload.shape):
         raise WireError(f"shape must not have negative dimensions, got {payload.shape}")
-    expected = int(np.prod(payload.shape, dtype=np.int64)) if payload.shape else 1
+    expected = math.prod(payload.shape)  # Python ints: a huge shape cannot overflow
     if max_elements is not None and expected > max_elements:
         raise TensorTooLarge(
             f"shape {payload.shape} has {expected} values, more than {max_elements}"
@@ -140,7 +141,10 @@ def _decode_base64(payload: EncodedTensor, dtype: np.dtype, max_elements: int | 
             f"data has {len(raw)} bytes but shape {payload.shape} of {payload.dtype} "
             f"needs {expected * dtype.itemsize}"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(payload.shape)
+    try:
+        return np.frombuffer(raw, dtype=dtype).reshape(payload.shape)
+    except ValueError as exc:  # e.g. a zero-size shape whose other dimensions overflow
+        raise WireError(f"shape {payload.shape} is not a valid array shape: {exc}") from None
 
 
 def _decode_lists(payload: EncodedTensor, dtype: np.dtype) -> np.ndarray:

@@ -1,0 +1,79 @@
+"""Shared fixtures: one tiny trained target checkpoint per session, and real servers.
+
+- ``trained_checkpoints``: a checkpoint directory holding ``lenet5-mnist.pt`` trained for one
+  epoch on the embedded MNIST split (seconds; about 80% test accuracy), trained once per session.
+- ``live_server_factory``: ``start(**env) -> LiveServer`` starts ``target-service serve`` in a
+  subprocess on a free port with its own state directory (settings as keyword arguments, e.g.
+  ``start(rate_limit=2, max_batch=50)``); every server it started is stopped at the test's end.
+- ``admin_create_client(server, name, budget) -> (client_id, api_key)``.
+
+The helpers live in ``target_service.testing`` so benchmarks use the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from target_service.testing import LiveServer, admin_create_client
+
+__all__ = ["LiveServer", "admin_create_client"]
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from target_service.zoo import TARGETS, train_target
+
+    checkpoint_dir = tmp_path_factory.mktemp("checkpoints")
+    train_target(TARGETS["lenet5-mnist"], checkpoint_dir, epochs=1)
+    return checkpoint_dir
+
+
+class ServerFactory:
+    """Starts LiveServers under one temporary folder and stops all of them on ``close()``."""
+
+    def __init__(self, root: Path, checkpoint_dir: Path) -> None:
+        self.root, self.checkpoint_dir = root, checkpoint_dir
+        self.servers: list[LiveServer] = []
+
+    def __call__(self, *, models: tuple[str, ...] = ("lenet5-mnist",), **env: Any) -> LiveServer:
+        index = len(self.servers)
+        server = LiveServer(
+            checkpoint_dir=env.pop("checkpoint_dir", self.checkpoint_dir),
+            state_dir=self.root / f"server{index}" / "state",
+            log_path=self.root / f"server{index}" / "server.log",
+            models=models,
+            env=env,
+        )
+        self.servers.append(server)
+        return server.start()
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def live_server_factory(
+    tmp_path: Path, trained_checkpoints: Path
+) -> Iterator[Callable[..., LiveServer]]:
+    factory = ServerFactory(tmp_path, trained_checkpoints)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture(scope="module")
+def module_server_factory(
+    tmp_path_factory: pytest.TempPathFactory, trained_checkpoints: Path
+) -> Iterator[Callable[..., LiveServer]]:
+    """Like ``live_server_factory``, for servers shared by the tests of one module."""
+    factory = ServerFactory(tmp_path_factory.mktemp("servers"), trained_checkpoints)
+    try:
+        yield factory
+    finally:
+        factory.close()

