@@ -16,7 +16,8 @@ from mlcore.wire import LabelsResponse, ProbabilitiesResponse, TopKResponse
 
 
 class OutputPolicy(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def render(self, logits: torch.Tensor) -> dict:
         """Fields of the response for a batch of logits (usage fields are added by the service)."""

@@ -95,6 +95,7 @@ class ErrorResponse(_Strict):
 def encode_tensor(array: np.ndarray) -> EncodedTensor:
     """uint8 or float32 array -> base64 payload (C order, little endian)."""
     array = np.asarray(array)
+    dtype: Literal["uint8", "float32"]
     if array.dtype == np.uint8:
         dtype = "uint8"
     elif array.dtype in (np.float32, np.float64):
@@ -123,6 +124,7 @@ def decode_tensor(payload: EncodedTensor, *, max_elements: int | None = None) ->
 
 
 def _decode_base64(payload: EncodedTensor, dtype: np.dtype, max_elements: int | None) -> np.ndarray:
+    assert isinstance(payload.data, str)  # the caller dispatches on the type
     if payload.shape is None:
         raise WireError("shape is required when data is base64")
     if any(dim < 0 for dim in payload.shape):

@@ -118,7 +118,7 @@ class RequestBodyGuard:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._too_large(send)
+            await self._too_large(scope, send)
             return
         chunks, size, more = [], 0, True
         while more:
@@ -128,7 +128,7 @@ class RequestBodyGuard:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                await self._too_large(send)
+                await self._too_large(scope, send)
                 return
             more = message.get("more_body", False)
         body, replayed = b"".join(chunks), False
@@ -145,7 +145,10 @@ class RequestBodyGuard:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Send) -> None:
+    async def _too_large(self, scope: Scope, send: Send) -> None:
+        service = getattr(scope["app"].state, "service", None) if "app" in scope else None
+        if service is not None:
+            service.metrics.refusals.labels("body_too_large").inc()
         payload = json.dumps(
             error_body("body_too_large", f"request body over the limit of {self.max_bytes} bytes")
         ).encode()

@@ -70,12 +70,11 @@ def serve(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    overrides = {
-        key: value
-        for key, value in {"state_dir": state_dir, "checkpoint_dir": checkpoint_dir}.items()
-        if value is not None
-    }
-    settings = Settings(**overrides)
+    settings = Settings()
+    if state_dir is not None:
+        settings.state_dir = state_dir
+    if checkpoint_dir is not None:
+        settings.checkpoint_dir = checkpoint_dir
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
 
 

@@ -59,7 +59,7 @@ class TargetService:
                 return stored
         if len(images) > client.remaining:  # cheap early refusal; the charge re-checks atomically
             raise BudgetExhausted(
-                f"a batch of {len(images)} images does not fit the remaining budget of "
+                f"a batch of {len(images)} image(s) does not fit the remaining budget of "
                 f"{client.remaining} queries"
             )
         answer = hosted.policy.render(hosted.logits(torch.from_numpy(_as_float(images))))

@@ -248,7 +248,7 @@ class StateStore:
             raise Unauthorized("this API key has been revoked", code="revoked_api_key")
         remaining = row["budget"] - row["used"]
         raise BudgetExhausted(
-            f"a batch of {images} images does not fit the remaining budget of {remaining} queries"
+            f"a batch of {images} image(s) does not fit the remaining budget of {remaining} queries"
         )
 
     def ledger_total(self, client_id: str) -> int:

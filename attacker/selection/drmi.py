@@ -155,19 +155,15 @@ class DrmiSelector(Selector):
         """The class's MI matrix, from ``mi_cache`` when the same images were seen before."""
         from mlcore.mutual_information import mutual_information_matrix
 
-        key = None
-        if self.mi_cache is not None:
-            key = (
-                label,
-                self.bins,
-                hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest(),
-            )
-            if key in self.mi_cache:
-                return self.mi_cache[key]
+        cache = self.mi_cache
+        digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+        key = (label, self.bins, digest)
+        if cache is not None and key in cache:
+            return cache[key]
         self._report(f"DRMI class {label}: mutual information of {len(images)} images")
         matrix = mutual_information_matrix(images, bins=self.bins)
-        if key is not None:
-            self.mi_cache[key] = matrix
+        if cache is not None:
+            cache[key] = matrix
         return matrix
 
     def _report(self, message: str) -> None:

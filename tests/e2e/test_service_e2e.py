@@ -93,7 +93,7 @@ def test_budget_runs_out_exactly(server: LiveServer) -> None:
 
         too_big = predict(http, key, images(3, 3))  # would end at 11: refused whole
         assert_refused(too_big, 402, "budget_exhausted")
-        assert "3 images" in too_big.json()["error"]["message"]
+        assert "3 image(s)" in too_big.json()["error"]["message"]
         assert admin_view(server, client_id)["queries_used"] == 8
 
         fits = predict(http, key, images(2, 4))  # ends at exactly 10: answered

@@ -90,7 +90,7 @@ def test_charge_refuses_a_batch_that_does_not_fit_whole(store: StateStore, tmp_p
     client, _ = store.create_client("alice", 10)
     first = charge(store, client.client_id, 4)
     assert (first.response["queries_used"], first.response["queries_remaining"]) == (4, 6)
-    with pytest.raises(BudgetExhausted, match=r"7 images .* remaining budget of 6"):
+    with pytest.raises(BudgetExhausted, match=r"7 image\(s\) .* remaining budget of 6"):
         charge(store, client.client_id, 7, request_id="too-big")
     assert store.get_client(client.client_id).used == 4
     assert store.replay(client.client_id, "too-big", "f") is None  # nothing stored either
