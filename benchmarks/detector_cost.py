@@ -1,0 +1,217 @@
+"""Per-query cost of the stealing detectors: PRADA against its stored-query count, MI redundancy.
+
+PRADA: one client whose single class already holds N stored queries (N = 1k, 10k, 50k by
+default; the growing set G_c and N past distances are put in place through ``load_state_dict``,
+built from embedded MNIST images with a little noise so all rows differ), then ``--queries``
+test images of that class are observed one at a time and, in a fresh copy, as batches of 100.
+Times include everything a query pays: the min-distance search, the threshold update, and the
+Shapiro-Wilk test on the N+ pooled distances every 10th query. As a baseline in the same
+process, the authors' per-stored-query loop (``np.sqrt(np.sum((a - b) ** 2))`` over G_c in a
+list comprehension, their ``growing_set.py``) is timed on a few queries of the same G_c.
+
+MI redundancy: a client with a full window (100 by default) observes ``--queries`` test images
+one at a time and in batches of 100; plus the calibration cost per benign window.
+
+    python benchmarks/detector_cost.py    # 1k, 10k, 50k stored; threads 1 and torch's default
+    python benchmarks/detector_cost.py --sizes 1000 --queries 102 --threads 1    # quick
+
+Every configuration runs once per ``--threads`` value: on a busy shared machine, torch's
+multi-threaded kernels can stall waiting for a core, and one thread is often faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+from scipy.stats import shapiro  # noqa: E402  (imported before any timing)
+
+from defenses.mi_redundancy import MiRedundancyDetector, calibrate_mi_reference  # noqa: E402
+from defenses.prada import PradaDetector  # noqa: E402
+from mlcore.datasets import load_dataset  # noqa: E402
+
+BATCH = 100
+
+
+def prada_state(n: int, seed: int) -> dict:
+    """A PRADA state whose class 0 holds n stored queries and n past distances."""
+    rng = torch.Generator().manual_seed(seed)
+    train = load_dataset("mnist-embedded:target-train").as_float().reshape(-1, 784)
+    rows = train[torch.randint(0, len(train), (n,), generator=rng)]
+    rows = (rows + 0.05 * torch.randn(rows.shape, generator=rng)).clamp_(0, 1)
+    dists = torch.from_numpy(np.random.default_rng(seed).normal(7.0, 1.0, n))
+    return {
+        "kind": "prada",
+        "queries_seen": 10 * ((n + 9) // 10),
+        "first_alarm_at": None,
+        "input_shape": [1, 28, 28],
+        "flagged": False,
+        "statistic": None,
+        "classes": [0],
+        "growing_sets": [rows],
+        "growing_dists": [dists.clone()],
+        "thresholds": [0.0],  # every distinct query joins G_c: the set keeps growing
+        "dists": [dists],
+        "dist_order": [0],
+    }
+
+
+def authors_loop_seconds(rows: np.ndarray, queries: np.ndarray) -> float:
+    """Mean seconds per query of the authors' min-distance search (a Python loop over G_c)."""
+
+    def l2(a: np.ndarray, b: np.ndarray) -> float:
+        return np.sqrt(np.sum((a - b) ** 2))
+
+    began = time.perf_counter()
+    for q in queries:
+        np.min(np.asarray([l2(g, q) for g in rows]))
+    return (time.perf_counter() - began) / len(queries)
+
+
+def time_observe(detector, x: torch.Tensor, batch: int) -> list[float]:
+    """Seconds per observe call, one call per ``batch`` queries."""
+    labels = torch.zeros(len(x), dtype=torch.int64)
+    seconds = []
+    for i in range(0, len(x), batch):
+        began = time.perf_counter()
+        detector.observe(x[i : i + batch], labels[i : i + batch])
+        seconds.append(time.perf_counter() - began)
+    return seconds
+
+
+def summary(seconds: list[float], batch: int) -> dict[str, float]:
+    per_query = np.asarray(seconds) / batch
+    return {
+        "mean_ms": float(per_query.mean() * 1e3),
+        "median_ms": float(np.median(per_query) * 1e3),
+        "p95_ms": float(np.quantile(per_query, 0.95) * 1e3),
+    }
+
+
+def bench_prada(sizes: list[int], n_queries: int, baseline_queries: int) -> list[dict]:
+    test = load_dataset("mnist-embedded:test").as_float()
+    x = test[:n_queries]
+    rows_out = []
+    for n in sizes:
+        state = prada_state(n, seed=n)
+        row: dict = {"stored": n, "state_mb": n * 784 * 4 / 2**20}
+        for mode, batch in (("one_by_one", 1), ("batch_100", BATCH)):
+            detector = PradaDetector()
+            detector.load_state_dict(state)
+            time_observe(detector, x[:2], 1)  # warm-up (first allocation, scipy import)
+            row[mode] = summary(time_observe(detector, x[2:], batch), batch)
+            row[f"{mode}_stored_after"] = detector.growing_set_sizes[0]
+        began = time.perf_counter()
+        with warnings.catch_warnings():  # N > 5000: the p-value is approximate, W is not
+            warnings.simplefilter("ignore", UserWarning)
+            shapiro(state["dists"][0].numpy())
+        row["shapiro_ms"] = (time.perf_counter() - began) * 1e3
+        g = state["growing_sets"][0].numpy()
+        q = x[:baseline_queries].reshape(-1, 784).numpy()
+        row["authors_loop_ms"] = authors_loop_seconds(g, q) * 1e3
+        row["speedup_vs_authors_loop"] = row["authors_loop_ms"] / row["one_by_one"]["mean_ms"]
+        rows_out.append(row)
+        del state, g
+    return rows_out
+
+
+def bench_mi(windows: list[int], n_queries: int, n_calibration: int) -> list[dict]:
+    train = load_dataset("mnist-embedded:target-train").images
+    test = load_dataset("mnist-embedded:test").images
+    rows_out = []
+    for window in windows:
+        calibrate_mi_reference(train, window=window, n_windows=2, false_alarm_rate=0.5)  # JIT
+        began = time.perf_counter()
+        reference = calibrate_mi_reference(
+            train, window=window, n_windows=n_calibration, false_alarm_rate=0.05
+        )
+        calibration_ms = (time.perf_counter() - began) * 1e3 / n_calibration
+        row: dict = {"window": window, "calibration_ms_per_window": calibration_ms}
+        for mode, batch in (("one_by_one", 1), ("batch_100", BATCH)):
+            detector = MiRedundancyDetector(reference=reference)
+            detector.observe(train[:window], torch.zeros(window, dtype=torch.int64))  # fill it
+            row[mode] = summary(time_observe(detector, test[:n_queries], batch), batch)
+        rows_out.append(row)
+    return rows_out
+
+
+def markdown(prada: list[dict], mi: list[dict]) -> str:
+    lines = [
+        "| detector | state | per query, 1 by 1 (mean / p95 ms) "
+        "| per query, batches of 100 (mean ms) | authors' loop (ms/query) | speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in prada:
+        lines.append(
+            f"| PRADA | {r['stored']:,} stored queries ({r['state_mb']:.0f} MB) "
+            f"| {r['one_by_one']['mean_ms']:.3f} / {r['one_by_one']['p95_ms']:.3f} "
+            f"| {r['batch_100']['mean_ms']:.3f} | {r['authors_loop_ms']:.1f} "
+            f"| {r['speedup_vs_authors_loop']:.0f}x |"
+        )
+    for r in mi:
+        lines.append(
+            f"| MI redundancy | window {r['window']} "
+            f"| {r['one_by_one']['mean_ms']:.3f} / {r['one_by_one']['p95_ms']:.3f} "
+            f"| {r['batch_100']['mean_ms']:.3f} | - | - |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 50_000])
+    parser.add_argument("--queries", type=int, default=200, help="timed queries per setting")
+    parser.add_argument("--baseline-queries", type=int, default=5)
+    parser.add_argument("--windows", type=int, nargs="+", default=[100])
+    parser.add_argument("--calibration-windows", type=int, default=40)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=sorted({1, torch.get_num_threads()}),
+        help="torch thread counts to run with, one full run each (default: 1 and torch's)",
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "detector_cost.json")
+    args = parser.parse_args(argv)
+    if args.queries < 2 + BATCH:
+        raise SystemExit(f"--queries must be at least {2 + BATCH}, got {args.queries}")
+    if any(t < 1 for t in args.threads):
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+
+    runs = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        prada = bench_prada(args.sizes, args.queries, args.baseline_queries)
+        mi = bench_mi(args.windows, args.queries, args.calibration_windows)
+        runs.append({"torch_threads": threads, "prada": prada, "mi_redundancy": mi})
+        print(f"torch threads: {threads}")
+        print(markdown(prada, mi))
+    result = {
+        "runs": runs,
+        "queries": args.queries,
+        "cpus": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "command": "python benchmarks/detector_cost.py " + " ".join(argv or sys.argv[1:]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""PRADA (Juuti et al. 2019) as the authors coded it: natural streams pass, JbDA-like synthetic
+streams are flagged, the growing-set and threshold rules on a hand-computed stream, the
+every-10th-query test, exact min distances, batches (with mixed predictions) equal
+query-by-query observation, state round-trips, and errors that name the bad value."""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import shapiro
+
+from defenses.base import DetectorError, StealingDetector, Verdict, make_detector
+from defenses.prada import DEFAULT_DELTA, PradaDetector
+from mlcore.datasets import load_dataset
+
+Stream = tuple[torch.Tensor, torch.Tensor]  # images (n, 1, 28, 28), predicted labels (n,)
+
+
+def natural_stream(seed: int, n: int = 400) -> Stream:
+    """Shuffled real MNIST test images, labelled with their true class."""
+    test = load_dataset("mnist-embedded:test")
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(test))[:n])
+    return test.images[order], test.labels[order]
+
+
+def jbda_stream(seed: int, *, steps: int = 20, lam: float = 0.1, per_class: int = 1) -> Stream:
+    """JbDA-like synthesis: ``per_class`` seed images of each class, each moved ``steps`` times
+    by lam * sign(noise) (clipped to [0, 1]) and queried after every step under its seed's
+    label (a substitute's gradient sign looks like noise from the detector's side)."""
+    test = load_dataset("mnist-embedded:test")
+    labels = test.labels.numpy()
+    first = [int(i) for c in range(10) for i in np.flatnonzero(labels == c)[:per_class]]
+    current = test.as_float()[first]
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for _ in range(steps):
+        sign = torch.randint(0, 2, current.shape, generator=generator).float() * 2 - 1
+        current = (current + lam * sign).clamp(0, 1)
+        images.append(current)
+    return torch.cat(images), test.labels[first].repeat(steps)
+
+
+def repeats_stream(seed: int, n: int = 600, classes: int = 3) -> Stream:
+    """Real images drawn with replacement (exact duplicates happen) under ``classes`` labels,
+    so each class's growing set passes the size at which the batched search kicks in."""
+    test = load_dataset("mnist-embedded:test")
+    index = torch.from_numpy(np.random.default_rng(seed).integers(0, 300, n))
+    return test.images[index], test.labels[index] % classes
+
+
+def observe_in_batches(detector: StealingDetector, stream: Stream, size: int) -> list[Verdict]:
+    x, y = stream
+    return [detector.observe(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+# -- detection -----------------------------------------------------------------------------
+
+
+class StreamCase(NamedTuple):
+    stream: Callable[[int], Stream]
+    flagged: bool
+
+
+STREAMS = {
+    "natural-mnist": StreamCase(natural_stream, flagged=False),
+    "jbda-1-seed-per-class": StreamCase(jbda_stream, flagged=True),
+    "jbda-5-seeds-per-class": StreamCase(
+        lambda seed: jbda_stream(seed, steps=6, per_class=5), flagged=True
+    ),
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("case", STREAMS.values(), ids=STREAMS.keys())
+def test_natural_streams_pass_and_synthetic_steps_are_flagged(case: StreamCase, seed: int):
+    detector = PradaDetector()  # default delta
+    verdicts = observe_in_batches(detector, case.stream(seed), 10)
+    final = verdicts[-1]
+    assert final.threshold == DEFAULT_DELTA
+    assert final.statistic is not None  # enough distances were pooled to test
+    assert final.flagged is case.flagged
+    assert (final.statistic < DEFAULT_DELTA) is case.flagged
+    if case.flagged:
+        # flagged at the first test with more than 100 pooled distances, and it stays flagged
+        assert detector.first_alarm_at is not None and detector.first_alarm_at <= 160
+        assert all(v.flagged for v in verdicts[detector.first_alarm_at // 10 - 1 :])
+    else:
+        assert detector.first_alarm_at is None
+        assert all(not v.flagged for v in verdicts)
+
+
+# -- the growing-set rules, by hand ------------------------------------------------------------
+
+
+def pixels(*values: float) -> torch.Tensor:
+    """One-pixel images (n, 1, 1, 1): their L2 distance is |a - b|. Dyadic values are exact."""
+    return torch.tensor(values, dtype=torch.float32).reshape(-1, 1, 1, 1)
+
+
+def test_growing_set_distances_and_threshold_on_a_hand_computed_stream():
+    detector = PradaDetector()
+    labels = torch.tensor([0, 0, 0, 0, 0, 1, 0])
+    detector.observe(pixels(0.0, 0.5, 0.5, 0.75, 0.78125, 0.25, 0.125), labels)
+
+    # 0.0:     class 0 is new: G = [0.0], T = 0, D_G = [0], D = []
+    # 0.5:     d = 0.5 > T = 0: joins G; D_G = [0, .5]; T = max(0, .25 - .25) = 0
+    # 0.5:     d = 0 (a repeat), not > T: stays out of G
+    # 0.75:    d = 0.25 > 0: joins; D_G = [0, .5, .25]: T = .25 - std = .25 - .2041 = .0459
+    # 0.78125: d = 0.03125 < T: stays out
+    # 0.25:    class 1 is new, nothing is added to D
+    # 0.125:   d = 0.125 > T: joins; D_G = [0, .5, .25, .125]: mean - std = .0339 < T, T stays
+    growing = [0.0, 0.5, 0.25, 0.125]
+    threshold = 0.25 - math.sqrt((0.25**2 + 0.25**2 + 0.0) / 3)  # population std (ddof=0)
+    assert detector.class_state(0) == {
+        "dists": [0.5, 0.0, 0.25, 0.03125, 0.125],
+        "growing_dists": growing,
+        "threshold": pytest.approx(threshold, abs=1e-15),
+        "size": 4,
+    }
+    assert np.mean(growing) - np.std(growing) < threshold  # the max() rule kept T
+    assert detector.class_state(1) == {
+        "dists": [],
+        "growing_dists": [0.0],
+        "threshold": 0.0,
+        "size": 1,
+    }
+    # the sample std (ddof=1) of [0, .5, .25] is .25 and would have left T at 0
+    assert 0.25 - np.std([0.0, 0.5, 0.25], ddof=1) == 0.0
+    assert detector.queries_seen == 7
+    assert detector.verdict == Verdict(flagged=False, statistic=None, threshold=DEFAULT_DELTA)
+
+
+def test_min_distances_are_exact_l2_to_the_growing_set():
+    """Against the authors' plain loop over stored queries (float pixels), on classes whose
+    growing sets pass the size where the matrix-product search and its exact refinement run."""
+    x, y = repeats_stream(seed=3, n=400)
+    detector = PradaDetector()
+    observe_in_batches(detector, (x, y), 50)
+    flat = (x.float() / 255).reshape(len(x), -1).double()
+    for c in range(3):
+        stored: list[torch.Tensor] = []
+        dists: list[float] = []
+        growing: list[float] = [0.0]
+        threshold = 0.0
+        for v in flat[y == c]:
+            if not stored:
+                stored.append(v)
+                continue
+            d = min(math.sqrt(float(((g - v) ** 2).sum())) for g in stored)
+            dists.append(d)
+            if d > threshold:
+                stored.append(v)
+                growing.append(d)
+                threshold = max(threshold, float(np.mean(growing) - np.std(growing)))
+        state = detector.class_state(c)
+        assert state["size"] == len(stored) > 40
+        assert 0.0 in state["dists"]  # exact repeats give exactly 0
+        assert state["dists"] == pytest.approx(dists, abs=1e-12)
+        assert state["threshold"] == pytest.approx(threshold, abs=1e-12)
+
+
+def test_uint8_images_equal_their_float_version():
+    x, y = natural_stream(0, n=150)
+    as_uint8, as_float = PradaDetector(), PradaDetector()
+    observe_in_batches(as_uint8, (x, y), 25)
+    observe_in_batches(as_float, (x.float() / 255, y), 25)
+    assert as_uint8.state_dict().keys() == as_float.state_dict().keys()
+    assert as_uint8.verdict == as_float.verdict
+    for c in range(10):
+        assert as_uint8.class_state(c) == as_float.class_state(c)
+
+
+# -- when it tests -------------------------------------------------------------------------
+
+
+def reference_w(detector: PradaDetector) -> float | None:
+    """The authors' test from the per-class distances: pool classes with >= 10 distances, keep
+    values within 3 (population) std of the mean, Shapiro-Wilk if more than 100 remain."""
+    pooled = [d for c in detector.growing_set_sizes for d in _dists(detector, c, minimum=10)]
+    data = np.asarray(pooled)
+    kept = data[np.abs(data - data.mean()) < 3 * data.std()]
+    return float(shapiro(kept).statistic) if len(kept) > 100 else None
+
+
+def _dists(detector: PradaDetector, c: int, *, minimum: int) -> list[float]:
+    dists = detector.class_state(c)["dists"]
+    return dists if len(dists) >= minimum else []
+
+
+def test_tests_run_after_every_10th_query_and_the_verdict_stands_between():
+    x, y = jbda_stream(seed=0, steps=25)  # 250 queries, 10 classes
+    detector = PradaDetector()
+    statistics = [detector.observe(x[i : i + 1], y[i : i + 1]).statistic for i in range(len(x))]
+    # 10 classes: 10 first queries add no distance; 101 distances exist after query 111, so the
+    # first test with more than 100 values is the one after query 120
+    assert statistics[:119] == [None] * 119
+    assert statistics[119] is not None
+    for i in range(120, len(x)):  # query i + 1
+        if (i + 1) % 10:
+            assert statistics[i] == statistics[i - 1]
+    assert len({statistics[i] for i in range(119, len(x), 10)}) == 14  # each test is new
+    assert detector.first_alarm_at == 120
+
+
+def test_pooling_skips_classes_with_fewer_than_10_distances_and_drops_outliers():
+    test = load_dataset("mnist-embedded:test")
+    rng = np.random.default_rng(5)
+    big = [int(i) for i in rng.choice(np.flatnonzero(test.labels.numpy() == 1), 80, False)]
+    big += [int(i) for i in rng.choice(np.flatnonzero(test.labels.numpy() == 7), 40, False)]
+    few = [int(i) for i in np.flatnonzero(test.labels.numpy() == 3)[:10]]  # 9 distances
+    x = torch.cat([test.images[big], test.images[few]]).float() / 255
+    y = torch.cat([torch.zeros(80), torch.full((40,), 2), torch.ones(10)]).long()
+    x[79] = 1.0  # an all-white query: a far outlier among class 0's distances
+    detector = PradaDetector()
+    verdict = detector.observe(x, y)
+    assert detector.queries_seen == 130
+    assert len(detector.class_state(1)["dists"]) == 9
+    assert verdict.statistic == pytest.approx(reference_w(detector), abs=1e-12)
+    with_small_class = [d for c in (0, 2, 1) for d in detector.class_state(c)["dists"]]
+    assert verdict.statistic != pytest.approx(shapiro(with_small_class).statistic, abs=1e-6)
+
+
+# -- equivalences --------------------------------------------------------------------------
+
+
+@functools.cache
+def query_by_query() -> tuple[Stream, PradaDetector, list[Verdict]]:
+    stream = repeats_stream(seed=1, n=400)
+    detector = PradaDetector()
+    return stream, detector, observe_in_batches(detector, stream, 1)
+
+
+@pytest.mark.parametrize("size", [7, 37, 400])
+def test_batches_with_mixed_predictions_equal_query_by_query(size: int):
+    stream, one, singles = query_by_query()
+    batched = PradaDetector()
+    verdicts = observe_in_batches(batched, stream, size)
+    assert len(set(stream[1][:size].tolist())) == 3  # the batches really mix classes
+    assert verdicts == [singles[min(i + size, len(singles)) - 1] for i in range(0, 400, size)]
+    assert batched.first_alarm_at == one.first_alarm_at is not None
+    for c in range(3):
+        assert batched.class_state(c) == one.class_state(c)
+
+
+@pytest.mark.parametrize("stream", [jbda_stream(4, steps=30), repeats_stream(2, 300)])
+def test_state_round_trips_mid_stream(stream: Stream):
+    x, y = stream
+    original = PradaDetector()
+    original.observe(x[:105], y[:105])  # between tests, before the first alarm
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    buffer.seek(0)
+    restored = PradaDetector()
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.queries_seen == 105 and restored.verdict == original.verdict
+    for i in range(105, len(x), 5):
+        assert restored.observe(x[i : i + 5], y[i : i + 5]) == original.observe(
+            x[i : i + 5], y[i : i + 5]
+        )
+    assert restored.first_alarm_at == original.first_alarm_at is not None
+    assert restored.growing_set_sizes == original.growing_set_sizes
+
+
+def test_protocol_and_registry():
+    detector = make_detector("prada", delta=0.9)
+    assert isinstance(detector, PradaDetector) and isinstance(detector, StealingDetector)
+    assert detector.name == "prada" and detector.verdict.threshold == 0.9
+    assert detector.queries_seen == 0 and detector.first_alarm_at is None
+    empty = detector.observe(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.int64))
+    assert empty == Verdict(False, None, 0.9) and detector.queries_seen == 0
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delta", [0, 1, 1.5, -0.1, float("nan"), "0.9", True, None])
+def test_bad_delta_is_named(delta: object):
+    with pytest.raises(DetectorError, match=rf"delta must be .*got {delta!r}"):
+        make_detector("prada", delta=delta)
+    assert issubclass(DetectorError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("name", "settings", "message"),
+    [
+        ("pradaa", {}, "detector must be one of .* got 'pradaa'"),
+        ("prada", {"dleta": 0.9}, "dleta"),
+    ],
+)
+def test_unknown_detector_or_setting_is_named(name: str, settings: dict, message: str):
+    with pytest.raises(DetectorError, match=message):
+        make_detector(name, **settings)
+
+
+GOOD_X = torch.zeros(2, 1, 28, 28)
+GOOD_Y = torch.tensor([0, 1])
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "message"),
+    [
+        (torch.zeros(2, 28, 28), GOOD_Y, r"shape \(n, C, H, W\), got \(2, 28, 28\)"),
+        (torch.full((2, 1, 28, 28), float("nan")), GOOD_Y, "finite"),
+        (torch.full((2, 1, 28, 28), 2.0), GOOD_Y, r"\[0, 1\], got range \[2.0, 2.0\]"),
+        (torch.zeros(2, 1, 28, 28, dtype=torch.int32), GOOD_Y, "got dtype torch.int32"),
+        (GOOD_X, torch.tensor([0, 1, 2]), "same length, got 2 and 3"),
+        (GOOD_X, torch.tensor([0.0, 1.0]), "1-D integer"),
+        (GOOD_X, torch.tensor([0, -1]), "labels must be >= 0, got -1"),
+    ],
+    ids=["ndim", "nan", "range", "dtype", "length", "float-labels", "negative-label"],
+)
+def test_bad_batches_are_named(x: torch.Tensor, y: torch.Tensor, message: str):
+    detector = PradaDetector()
+    with pytest.raises(DetectorError, match=message):
+        detector.observe(x, y)
+    assert detector.queries_seen == 0
+
+
+def test_image_shape_is_pinned_and_states_are_checked():
+    detector = PradaDetector()
+    detector.observe(GOOD_X, GOOD_Y)
+    with pytest.raises(DetectorError, match=r"image shape \(1, 28, 28\).*got \(1, 32, 32\)"):
+        detector.observe(torch.zeros(1, 1, 32, 32), GOOD_Y[:1])
+    state = detector.state_dict()
+    with pytest.raises(DetectorError, match="for detector 'mi_redundancy', not 'prada'"):
+        PradaDetector().load_state_dict({**state, "kind": "mi_redundancy"})
+    with pytest.raises(DetectorError, match="match 'classes'"):
+        PradaDetector().load_state_dict({**state, "thresholds": [0.0]})
