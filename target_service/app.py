@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from target_service.detection import DetectionHub
 from target_service.errors import ServiceError
 from target_service.metrics import ServiceMetrics
 from target_service.routes import admin, public
@@ -39,14 +40,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 train_missing=settings.train_missing,
                 data_root=settings.data_root,
                 epochs=settings.train_epochs,
+                detectors=settings.detectors.get(name),
+                alarm_policy=settings.alarm_policies.get(name, "log"),
             )
             for name in settings.models
         }
-        app.state.service = TargetService(settings, store, models, ServiceMetrics())
+        metrics = ServiceMetrics()
+        detection = DetectionHub(
+            store,
+            {name: hosted.defence for name, hosted in models.items()},
+            snapshot_dir=settings.state_dir / "detectors",
+            metrics=metrics,
+            snapshot_every=settings.snapshot_every,
+        )
+        app.state.service = TargetService(settings, store, models, metrics, detection)
         logger.info("serving %s with state in %s", sorted(models), settings.state_path)
         try:
             yield
         finally:
+            detection.close()
             store.close()
 
     app = FastAPI(

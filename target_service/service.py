@@ -15,7 +15,14 @@ import numpy as np
 import torch
 
 from mlcore.wire import PredictRequest, TensorTooLarge, WireError, decode_tensor
-from target_service.errors import BudgetExhausted, InvalidInput, NotFound, PayloadTooLarge
+from target_service.detection import DetectionHub
+from target_service.errors import (
+    BudgetExhausted,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+)
 from target_service.metrics import ServiceMetrics
 from target_service.rate_limit import RateLimiter
 from target_service.settings import Settings
@@ -32,11 +39,13 @@ class TargetService:
         store: StateStore,
         models: dict[str, HostedModel],
         metrics: ServiceMetrics,
+        detection: DetectionHub,
     ) -> None:
         self.settings = settings
         self.store = store
         self.models = models
         self.metrics = metrics
+        self.detection = detection
         self.rate_limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
 
     def model(self, name: str) -> HostedModel:
@@ -57,25 +66,46 @@ class TargetService:
             stored = self.store.replay(client.client_id, request.request_id, fingerprint)
             if stored is not None:
                 return stored
+        if self.detection.is_blocked(client.client_id, name):
+            raise Forbidden(
+                f"this client is blocked on {name}: a model-stealing detector raised an alarm",
+                code="blocked",
+            )
         if len(images) > client.remaining:  # cheap early refusal; the charge re-checks atomically
             raise BudgetExhausted(
                 f"a batch of {len(images)} image(s) does not fit the remaining budget of "
                 f"{client.remaining} queries"
             )
-        answer = hosted.policy.render(hosted.logits(torch.from_numpy(_as_float(images))))
-        charge = self.store.charge(
-            client.client_id,
-            model=name,
-            images=len(images),
-            request_id=request.request_id,
-            fingerprint=fingerprint,
-            response=answer,
-        )
+        logits = hosted.logits(torch.from_numpy(_as_float(images)))
+        answer = hosted.policy.render(logits)
+        watched = self.detection.watches(name)
+        with self.detection.stream_lock(client.client_id, name):
+            charge = self.store.charge(
+                client.client_id,
+                model=name,
+                images=len(images),
+                request_id=request.request_id,
+                fingerprint=fingerprint,
+                response=answer,
+                observation=images if watched else None,
+            )
+            if watched and charge.entry_id is not None:
+                self._observe(client.client_id, name, images, logits, charge.entry_id)
         if not charge.replayed:
             self.metrics.queries.labels(name).inc(len(images))
             self.metrics.requests.labels(name).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - started)
         return charge.response
+
+    def _observe(
+        self, client_id: str, name: str, images: np.ndarray, logits: torch.Tensor, entry_id: int
+    ) -> None:
+        """Detectors see the charged request; a detector failure never loses the answer (the
+        query is in the log, so a restart replays it)."""
+        try:
+            self.detection.observe(client_id, name, images, logits.argmax(dim=1).tolist(), entry_id)
+        except Exception:
+            logger.exception("detectors failed on client %s, model %s", client_id, name)
 
     def _decode(self, hosted: HostedModel, request: PredictRequest) -> np.ndarray:
         limit = self.settings.max_batch * int(np.prod(hosted.input_shape))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +37,18 @@ class Settings(BaseSettings):
         default=0.0, ge=0, description="Requests/s per client; 0 = unlimited."
     )
     rate_burst: int = Field(default=20, ge=1)
+    detectors: dict[str, dict[str, dict[str, Any]]] = Field(
+        default_factory=dict,
+        description="Per-model detectors and settings, replacing the default "
+        "{'prada': {'delta': 0.95}, 'mi_redundancy': {}}; {} turns detection off for a model.",
+    )
+    alarm_policies: dict[str, Literal["log", "block"]] = Field(
+        default_factory=dict,
+        description="Per-model alarm policy: 'log' (default) or 'block' (403).",
+    )
+    snapshot_every: int = Field(
+        default=1000, ge=1, description="Detector snapshot period (queries)."
+    )
 
     @field_validator("output_policies")
     @classmethod

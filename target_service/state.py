@@ -2,7 +2,8 @@
 
 Everything that spends budget happens in one transaction: the conditional UPDATE that charges
 (``used + n <= budget``, so concurrent requests can never overspend), the ledger row and the
-stored answer for the request_id. So a charged request always has its answer on disk, and a
+stored answer for the request_id, and (for watched models) the images and labels in the
+``query_log`` that detectors are rebuilt from. So a charged request always has its answer on disk, and a
 retried request_id gets that answer back without paying again. ``synchronous=NORMAL`` in WAL
 mode survives a killed process (not a power cut), which is the failure the range simulates.
 
@@ -20,9 +21,12 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from target_service.errors import BudgetExhausted, Conflict, NotFound, Unauthorized
 
@@ -53,13 +57,16 @@ CREATE TABLE IF NOT EXISTS idempotency (
     created_at  REAL NOT NULL,
     PRIMARY KEY (client_id, request_id)
 );
-CREATE TABLE IF NOT EXISTS detector_state (
+CREATE TABLE IF NOT EXISTS query_log (
+    entry_id    INTEGER PRIMARY KEY REFERENCES ledger(entry_id),
     client_id   TEXT NOT NULL,
     model       TEXT NOT NULL,
-    detector    TEXT NOT NULL,
-    state       BLOB NOT NULL,
-    PRIMARY KEY (client_id, model, detector)
+    dtype       TEXT NOT NULL,
+    shape       TEXT NOT NULL,
+    images      BLOB NOT NULL,
+    labels      TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS query_log_stream ON query_log(client_id, model, entry_id);
 CREATE TABLE IF NOT EXISTS alarms (
     client_id   TEXT NOT NULL,
     model       TEXT NOT NULL,
@@ -94,10 +101,12 @@ class Client:
 
 @dataclass(frozen=True)
 class Charge:
-    """What a charged request returns: its stored answer and the usage after it."""
+    """What a charged request returns: its stored answer (usage included) and its ledger entry
+    (None when the answer was replayed from an earlier charge)."""
 
     response: dict[str, Any]
     replayed: bool
+    entry_id: int | None = None
 
 
 class StateStore:
@@ -190,10 +199,12 @@ class StateStore:
         request_id: str | None,
         fingerprint: str,
         response: dict[str, Any],
+        observation: np.ndarray | None = None,
     ) -> Charge:
         """Atomically charge ``images`` queries and record the answer, or raise BudgetExhausted.
 
         ``response`` gets ``queries_used`` / ``queries_remaining`` filled in from the charge.
+        ``observation`` (the request's images) goes into the query log with the answered labels.
         """
         now = time.time()
         with self._lock:
@@ -226,10 +237,23 @@ class StateStore:
                     "queries_used": row["used"],
                     "queries_remaining": row["budget"] - row["used"],
                 }
-                self._db.execute(
+                entry_id = self._db.execute(
                     "INSERT INTO ledger (client_id, model, request_id, images, created_at) VALUES (?,?,?,?,?)",
                     (client_id, model, request_id, images, now),
-                )
+                ).lastrowid
+                if observation is not None:
+                    self._db.execute(
+                        "INSERT INTO query_log VALUES (?,?,?,?,?,?,?)",
+                        (
+                            entry_id,
+                            client_id,
+                            model,
+                            observation.dtype.str,
+                            json.dumps(observation.shape),
+                            np.ascontiguousarray(observation).tobytes(),
+                            json.dumps(response["labels"]),
+                        ),
+                    )
                 if request_id is not None:
                     self._db.execute(
                         "INSERT INTO idempotency VALUES (?,?,?,?,?)",
@@ -240,7 +264,7 @@ class StateStore:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
-        return Charge(response, replayed=False)
+        return Charge(response, replayed=False, entry_id=entry_id)
 
     def _refuse(self, client_id: str, images: int) -> Charge:
         row = self._db.execute("SELECT * FROM clients WHERE client_id = ?", (client_id,)).fetchone()
@@ -250,6 +274,58 @@ class StateStore:
         raise BudgetExhausted(
             f"a batch of {images} image(s) does not fit the remaining budget of {remaining} queries"
         )
+
+    # -- detectors ---------------------------------------------------------------------------
+    def query_log(
+        self, client_id: str, model: str, *, after: int = 0
+    ) -> Iterator[tuple[int, np.ndarray, list[int]]]:
+        """(entry_id, images, labels) of one stream's charged requests after ``after``, in order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT entry_id, dtype, shape, images, labels FROM query_log"
+                " WHERE client_id = ? AND model = ? AND entry_id > ? ORDER BY entry_id",
+                (client_id, model, after),
+            ).fetchall()
+        for row in rows:
+            images = np.frombuffer(row["images"], dtype=np.dtype(row["dtype"])).reshape(
+                json.loads(row["shape"])
+            )
+            yield row["entry_id"], images, json.loads(row["labels"])
+
+    def record_alarm(
+        self,
+        client_id: str,
+        *,
+        model: str,
+        detector: str,
+        query_index: int,
+        statistic: float | None,
+        threshold: float,
+    ) -> None:
+        """Keep a detector's first alarm on this stream (later ones do not overwrite it)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO alarms VALUES (?,?,?,?,?,?,?)",
+                (client_id, model, detector, query_index, statistic, threshold, time.time()),
+            )
+
+    def list_alarms(self, client_id: str | None = None) -> list[dict[str, Any]]:
+        query = "SELECT a.*, c.name AS client_name FROM alarms a JOIN clients c USING (client_id)"
+        params: tuple = ()
+        if client_id is not None:
+            query, params = query + " WHERE a.client_id = ?", (client_id,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY a.created_at", params).fetchall()
+        return [dict(row) for row in rows]
+
+    def models_queried(self, client_id: str) -> list[str]:
+        """The models this client has been charged on, most queries first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT model FROM ledger WHERE client_id = ? GROUP BY model ORDER BY SUM(images) DESC",
+                (client_id,),
+            ).fetchall()
+        return [row["model"] for row in rows]
 
     def ledger_total(self, client_id: str) -> int:
         with self._lock:

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from defenses.mi_redundancy import MiReference, calibrate_mi_reference
 from defenses.output_policies import OutputPolicy, parse_policy
 from mlcore.architectures import build_model
 from mlcore.checkpoints import load_checkpoint, save_checkpoint
 from mlcore.datasets import DATASETS, load_dataset
 from mlcore.training import accuracy, fit, predict_logits, seed_everything
+from target_service.detection import AlarmPolicy, DefenceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,9 @@ TARGETS: dict[str, TargetSpec] = {
 }
 
 
+DEFAULT_DETECTORS: dict[str, dict[str, Any]] = {"prada": {"delta": 0.95}, "mi_redundancy": {}}
+
+
 @dataclass
 class HostedModel:
     name: str
@@ -62,6 +68,7 @@ class HostedModel:
     num_classes: int
     policy: OutputPolicy
     metrics: dict
+    defence: DefenceConfig = field(default_factory=DefenceConfig)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return predict_logits(self.model, images)
@@ -97,7 +104,7 @@ def train_target(
         "train_seconds": round(time.perf_counter() - started, 1),
     }
     logger.info("trained %s: test accuracy %.4f", spec.name, metrics["test_accuracy"])
-    return save_checkpoint(
+    path = save_checkpoint(
         checkpoint_path(checkpoint_dir, spec.name),
         model,
         arch=spec.arch,
@@ -105,6 +112,8 @@ def train_target(
         dataset=spec.train_data,
         metrics=metrics,
     )
+    mi_reference(spec, checkpoint_dir, data_root)
+    return path
 
 
 def load_hosted(
@@ -115,6 +124,8 @@ def load_hosted(
     train_missing: bool = True,
     data_root: Path | None = None,
     epochs: int | None = None,
+    detectors: dict[str, dict[str, Any]] | None = None,
+    alarm_policy: AlarmPolicy = "log",
 ) -> HostedModel:
     if name not in TARGETS:
         raise ValueError(f"model must be one of {sorted(TARGETS)}, got {name!r}")
@@ -137,4 +148,43 @@ def load_hosted(
         num_classes=info.num_classes,
         policy=parse_policy(policy),
         metrics=checkpoint.metrics,
+        defence=DefenceConfig(
+            _with_references(
+                spec,
+                detectors if detectors is not None else DEFAULT_DETECTORS,
+                checkpoint_dir,
+                data_root,
+            ),
+            alarm_policy,
+        ),
     )
+
+
+def mi_reference_path(checkpoint_dir: Path, name: str) -> Path:
+    return checkpoint_dir / f"{name}.mi_reference.json"
+
+
+def mi_reference(
+    spec: TargetSpec, checkpoint_dir: Path, data_root: Path | None = None
+) -> MiReference:
+    """The MI detector's benign reference for a target, stored beside its checkpoint: measured
+    once on the target's own training data (benign, and disjoint from the attacker's pool)."""
+    path = mi_reference_path(checkpoint_dir, spec.name)
+    if path.exists():
+        return MiReference.load(path)
+    logger.info("calibrating the MI-redundancy reference of %s on %s", spec.name, spec.train_data)
+    reference = calibrate_mi_reference(load_dataset(spec.train_data, data_root=data_root).images)
+    reference.save(path)
+    return reference
+
+
+def _with_references(
+    spec: TargetSpec,
+    detectors: dict[str, dict[str, Any]],
+    checkpoint_dir: Path,
+    data_root: Path | None,
+) -> dict[str, dict[str, Any]]:
+    if "mi_redundancy" not in detectors or "reference" in detectors["mi_redundancy"]:
+        return detectors
+    reference = mi_reference(spec, checkpoint_dir, data_root)
+    return {**detectors, "mi_redundancy": {**detectors["mi_redundancy"], "reference": reference}}

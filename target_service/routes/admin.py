@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlcore.wire import ErrorResponse
 from target_service.deps import AdminDep, ServiceDep
+from target_service.service import TargetService
 from target_service.state import Client
 
 router = APIRouter(
@@ -37,7 +36,33 @@ class ClientView(BaseModel):
     queries_remaining: int
     revoked: bool
     created_at: float
-    detectors: dict[str, Any] = Field(default_factory=dict)
+
+
+class DetectorView(BaseModel):
+    first_alarm_at: int | None = Field(description="1-based query index of the first alarm.")
+    statistic: float | None
+    threshold: float
+    queries_seen: int
+
+
+class ClientDefenceView(ClientView):
+    """The defence-evaluation view: ``detectors`` is for the model this client queried most;
+    ``detectors_by_model`` has every model it queried."""
+
+    detectors: dict[str, DetectorView]
+    detectors_by_model: dict[str, dict[str, DetectorView]]
+    blocked_on: list[str]
+
+
+class AlarmView(BaseModel):
+    client_id: str
+    client_name: str
+    model: str
+    detector: str
+    query_index: int
+    statistic: float | None
+    threshold: float | None
+    created_at: float
 
 
 def _view(client: Client) -> ClientView:
@@ -49,6 +74,25 @@ def _view(client: Client) -> ClientView:
         queries_remaining=client.remaining,
         revoked=client.revoked,
         created_at=client.created_at,
+    )
+
+
+def _defence_view(client: Client, service: TargetService) -> ClientDefenceView:
+    models = [
+        m for m in service.store.models_queried(client.client_id) if service.detection.watches(m)
+    ]
+    by_model = {
+        model: {
+            name: DetectorView(**view)
+            for name, view in service.detection.view(client.client_id, model).items()
+        }
+        for model in models
+    }
+    return ClientDefenceView(
+        **_view(client).model_dump(),
+        detectors=by_model[models[0]] if models else {},
+        detectors_by_model=by_model,
+        blocked_on=[m for m in models if service.detection.is_blocked(client.client_id, m)],
     )
 
 
@@ -66,8 +110,15 @@ def list_clients(service: ServiceDep, _: AdminDep) -> list[ClientView]:
 
 
 @router.get("/clients/{client_id}", responses={404: {"model": ErrorResponse}})
-def get_client(client_id: str, service: ServiceDep, _: AdminDep) -> ClientView:
-    return _view(service.store.get_client(client_id))
+def get_client(client_id: str, service: ServiceDep, _: AdminDep) -> ClientDefenceView:
+    """Usage and, per detector, its first alarm, current statistic and threshold."""
+    return _defence_view(service.store.get_client(client_id), service)
+
+
+@router.get("/alarms")
+def list_alarms(service: ServiceDep, _: AdminDep) -> list[AlarmView]:
+    """Every detector's first alarm on every client and model, oldest first."""
+    return [AlarmView(**alarm) for alarm in service.store.list_alarms()]
 
 
 @router.delete("/clients/{client_id}", responses={404: {"model": ErrorResponse}})

@@ -1,0 +1,138 @@
+"""Detectors inside a real server: alarms, the block policy, and durability across kill -9."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import httpx2
+import numpy as np
+import pytest
+
+from mlcore.datasets import load_dataset
+from mlcore.wire import encode_tensor
+from target_service.testing import LiveServer, admin_create_client
+
+pytestmark = pytest.mark.e2e
+
+PRADA_ONLY = {"lenet5-mnist": {"prada": {"delta": 0.95}}}
+
+
+def synthetic_steps(batches: int, *, size: int = 10, seed: int = 0) -> list[np.ndarray]:
+    """A JbDA-like stream: natural seeds moved by fixed-size sign steps, batch after batch."""
+    rng = np.random.default_rng(seed)
+    x = load_dataset("mnist-embedded:pool").images[:size].float().numpy() / 255.0
+    out = []
+    for _ in range(batches):
+        x = np.clip(x + 0.1 * np.sign(rng.standard_normal(x.shape)), 0.0, 1.0).astype(np.float32)
+        out.append(x)
+    return out
+
+
+def predict(server: LiveServer, key: str, x: np.ndarray) -> httpx2.Response:
+    return httpx2.post(
+        f"{server.url}/v1/models/lenet5-mnist/predict",
+        json={"inputs": encode_tensor(x).model_dump()},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    )
+
+
+def admin(server: LiveServer, path: str) -> Any:
+    response = httpx2.get(f"{server.url}{path}", headers=server.admin_headers, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def send_until_refused(
+    server: LiveServer, key: str, batches: list[np.ndarray]
+) -> tuple[int, httpx2.Response | None]:
+    answered = 0
+    for x in batches:
+        response = predict(server, key, x)
+        if response.status_code != 200:
+            return answered, response
+        answered += len(x)
+    return answered, None
+
+
+def test_block_policy_refuses_after_the_alarm_and_survives_kill_9(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    server = live_server_factory(detectors=PRADA_ONLY, alarm_policies={"lenet5-mnist": "block"})
+    client_id, key = admin_create_client(server, "jbda", budget=2000)
+    answered, refused = send_until_refused(server, key, synthetic_steps(60))
+
+    assert refused is not None, "PRADA never fired on a stream of fixed-size synthetic steps"
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "blocked"
+    view = admin(server, f"/v1/admin/clients/{client_id}")
+    assert view["queries_used"] == answered  # the refused request was not charged
+    first_alarm = view["detectors"]["prada"]["first_alarm_at"]
+    assert first_alarm is not None and 100 < first_alarm <= answered
+    assert view["blocked_on"] == ["lenet5-mnist"]
+    alarms = admin(server, "/v1/admin/alarms")
+    assert [(a["client_id"], a["detector"], a["query_index"]) for a in alarms] == [
+        (client_id, "prada", first_alarm)
+    ]
+
+    server.kill(signal.SIGKILL)
+    server.start()
+    after = admin(server, f"/v1/admin/clients/{client_id}")
+    assert after["queries_used"] == answered
+    assert after["detectors"]["prada"]["first_alarm_at"] == first_alarm
+    assert after["detectors"]["prada"]["queries_seen"] == answered  # rebuilt from the query log
+    assert admin(server, "/v1/admin/alarms") == alarms
+    again = predict(server, key, synthetic_steps(1, seed=9)[0])
+    assert again.status_code == 403
+    assert admin(server, f"/v1/admin/clients/{client_id}")["queries_used"] == answered
+
+
+def test_log_policy_records_the_alarm_and_keeps_answering(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    server = live_server_factory(detectors=PRADA_ONLY)
+    client_id, key = admin_create_client(server, "jbda", budget=2000)
+    answered, refused = send_until_refused(server, key, synthetic_steps(30))
+
+    assert refused is None and answered == 300
+    view = admin(server, f"/v1/admin/clients/{client_id}")
+    assert view["detectors"]["prada"]["first_alarm_at"] is not None
+    assert view["detectors"]["prada"]["threshold"] == 0.95
+    assert view["blocked_on"] == []
+
+
+def test_benign_natural_queries_raise_no_alarm(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    server = live_server_factory(detectors=PRADA_ONLY, alarm_policies={"lenet5-mnist": "block"})
+    client_id, key = admin_create_client(server, "benign", budget=1000)
+    test = load_dataset("mnist-embedded:test").images.numpy()
+    order = np.random.default_rng(1).permutation(len(test))[:300]
+    answered, refused = send_until_refused(
+        server, key, [test[order[i : i + 20]] for i in range(0, 300, 20)]
+    )
+
+    assert refused is None and answered == 300
+    prada = admin(server, f"/v1/admin/clients/{client_id}")["detectors"]["prada"]
+    assert prada["first_alarm_at"] is None
+    assert prada["statistic"] is not None and prada["statistic"] >= 0.95
+
+
+def test_detector_state_resumes_from_snapshot_and_log_after_kill_9(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    server = live_server_factory(snapshot_every=50)  # both default detectors
+    client_id, key = admin_create_client(server, "steady", budget=1000)
+    test = load_dataset("mnist-embedded:test").images.numpy()
+    for start in range(0, 130, 10):
+        assert predict(server, key, test[start : start + 10]).status_code == 200
+    before = admin(server, f"/v1/admin/clients/{client_id}")["detectors"]
+
+    server.kill(signal.SIGKILL)
+    server.start()
+    after = admin(server, f"/v1/admin/clients/{client_id}")["detectors"]
+    assert after == before
+    assert set(after) == {"prada", "mi_redundancy"}
+    assert after["mi_redundancy"]["queries_seen"] == 130
