@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from defenses.base import DetectorBase, DetectorError, check_fraction, check_int
-from defenses.benign import benign_stream
+from mlcore.streams import benign_stream
 
 __all__ = [
     "STATISTIC",

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from defenses.base import DetectorError, StealingDetector, Verdict, make_detector
-from defenses.benign import benign_stream
 from defenses.mi_redundancy import (
     STATISTIC,
     MiRedundancyDetector,
@@ -26,6 +25,7 @@ from defenses.mi_redundancy import (
 )
 from mlcore.datasets import load_dataset
 from mlcore.mutual_information import mutual_information_matrix
+from mlcore.streams import benign_stream
 
 FALSE_ALARM_RATE = 0.05
 WINDOW = 100
@@ -271,7 +271,7 @@ def test_benign_stream_keeps_float_images_in_range():
 )
 def test_benign_stream_names_bad_settings(settings: dict, message: str):
     images = torch.zeros(5, 1, 28, 28, dtype=torch.uint8)
-    with pytest.raises(DetectorError, match=message):
+    with pytest.raises(ValueError, match=message):
         benign_stream(images, **{"n": 10, **settings})
 
 

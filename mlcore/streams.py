@@ -1,4 +1,5 @@
-"""A benign client's query stream, for calibrating detectors and measuring their false alarms.
+"""A benign client's query stream: the defender calibrates detectors on it, and the attacker's
+benign-client simulator sends it, so both sides share this one model of a normal user.
 
 The model: a client sends natural images in random order, and now and then re-sends one of its
 recent queries, exactly or as a near-duplicate (the same image with a little pixel noise), as
@@ -11,7 +12,6 @@ clipped to [0, 1]; uint8 images are rounded back to uint8); otherwise the next i
 random permutation of ``images`` (a fresh permutation each time the images run out). With
 ``repeat_rate=0`` it is the DRMI paper's benign client, who "submits random queries".
 
-This is the defender's model of benign clients; the attacker package keeps its own simulators.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-
-from defenses.base import DetectorError, check_int
 
 __all__ = ["BenignStream", "benign_stream"]
 
@@ -52,27 +50,25 @@ def benign_stream(
     """``n`` queries of a benign client drawing from ``images`` (see the module docstring)."""
     images = images if isinstance(images, Tensor) else torch.as_tensor(np.asarray(images))
     if images.ndim < 2 or len(images) < 1:
-        raise DetectorError(
-            f"images must have shape (N, ...) with N >= 1, got {tuple(images.shape)}"
-        )
+        raise ValueError(f"images must have shape (N, ...) with N >= 1, got {tuple(images.shape)}")
     if not (images.dtype == torch.uint8 or images.is_floating_point()):
-        raise DetectorError(f"images must be uint8 or float in [0, 1], got dtype {images.dtype}")
-    n = check_int("n", n, low=1)
+        raise ValueError(f"images must be uint8 or float in [0, 1], got dtype {images.dtype}")
+    n = _check_int("n", n, low=1)
     if (
         isinstance(repeat_rate, bool)
         or not isinstance(repeat_rate, (int, float, np.integer, np.floating))
         or not 0.0 <= repeat_rate < 1.0
     ):
-        raise DetectorError(f"repeat_rate must be a number in [0, 1), got {repeat_rate!r}")
+        raise ValueError(f"repeat_rate must be a number in [0, 1), got {repeat_rate!r}")
     if (
         isinstance(noise, bool)
         or not isinstance(noise, (int, float, np.integer, np.floating))
         or not math.isfinite(noise)
         or noise < 0
     ):
-        raise DetectorError(f"noise must be a finite number >= 0, got {noise!r}")
-    recent = check_int("recent", recent, low=1)
-    seed = check_int("seed", seed, low=0)
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    recent = _check_int("recent", recent, low=1)
+    seed = _check_int("seed", seed, low=0)
 
     rng = np.random.default_rng(seed)
     source = np.empty(n, dtype=np.int64)
@@ -98,3 +94,13 @@ def benign_stream(
         noisy = (clean + jitter).clamp_(0.0, 1.0) * scale
         out[mask] = noisy.round_().to(out.dtype) if scale == 255.0 else noisy.to(out.dtype)
     return BenignStream(out, torch.from_numpy(source), torch.from_numpy(repeated))
+
+
+def _check_int(name: str, value: object, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(
+            f"{name} must be an integer >= {low}, got {value!r}"
+            if not isinstance(value, (int, np.integer))
+            else f"{name} must be >= {low}, got {value}"
+        )
+    return int(value)
