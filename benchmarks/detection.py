@@ -104,7 +104,9 @@ def main() -> int:
     )
     parser.add_argument("--benign-clients", type=int, default=20)
     parser.add_argument("--benign-queries", type=int, default=1000)
-    parser.add_argument("--repeat-rate", type=float, default=0.1, help="benign clients' repeats")
+    parser.add_argument(
+        "--repeat-rates", nargs="+", type=float, default=[0.0, 0.1], help="benign repeat rates"
+    )
     parser.add_argument(
         "--k", type=int, default=1000, help="queries of the random and DRMI attackers"
     )
@@ -132,32 +134,37 @@ def main() -> int:
         )
     ]
 
-    benign = [
-        benign_stream(
-            test.images, args.benign_queries, repeat_rate=args.repeat_rate, noise=0.02, seed=i
-        ).images
-        for i in range(args.benign_clients)
-    ]
-    benign = [b.float().numpy() / 255.0 for b in benign]
+    benign = {
+        rate: [
+            benign_stream(
+                test.images, args.benign_queries, repeat_rate=rate, noise=0.02, seed=i
+            ).images.numpy()
+            for i in range(args.benign_clients)
+        ]
+        for rate in args.repeat_rates
+    }
     attackers = attacker_streams(target, pool, k=args.k, jbda_k=args.jbda_k, seed=args.seed)
     labels = {name: oracle.predict_labels(stream) for name, stream in attackers.items()}
-    benign_labels = [oracle.predict_labels(stream) for stream in benign]
+    benign_labels = {
+        rate: [oracle.predict_labels(s) for s in streams] for rate, streams in benign.items()
+    }
 
     rows: list[dict[str, Any]] = []
     substitute_cache: dict[tuple[str, int], float] = {}
     for detector_name, settings, label in configs:
-        alarms = [
-            first_alarm(detector_name, settings, s, y, args.request_size)[0]
-            for s, y in zip(benign, benign_labels, strict=True)
-        ]
-        flagged = [a for a in alarms if a is not None]
-        rows.append(
-            {
-                "detector": label, "client": f"benign x{len(benign)} (repeat rate {args.repeat_rate:g})",
-                "queries": args.benign_queries, "first_alarm_at": min(flagged) if flagged else None,
-                "false_alarm_rate": len(flagged) / len(benign), "substitute_accuracy": None,
-            }
-        )  # fmt: skip
+        for rate, streams in benign.items():
+            alarms = [
+                first_alarm(detector_name, settings, stream, y, args.request_size)[0]
+                for stream, y in zip(streams, benign_labels[rate], strict=True)
+            ]
+            flagged = [a for a in alarms if a is not None]
+            rows.append(
+                {
+                    "detector": label, "client": f"benign x{len(streams)} (repeat rate {rate:g})",
+                    "queries": args.benign_queries, "first_alarm_at": min(flagged) if flagged else None,
+                    "false_alarm_rate": len(flagged) / len(streams), "substitute_accuracy": None,
+                }
+            )  # fmt: skip
         for name, stream in attackers.items():
             alarm, statistic = first_alarm(
                 detector_name, settings, stream, labels[name], args.request_size
@@ -207,7 +214,7 @@ def main() -> int:
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| detector | client | queries | first alarm at | false-alarm rate | substitute accuracy by then |",
+        "| detector | client | queries | first alarm at (benign: earliest) | false-alarm rate | substitute accuracy by then |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
