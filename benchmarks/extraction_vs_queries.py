@@ -81,7 +81,7 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
     )
     predicted = predict_labels(model, test.images).numpy()
     return {
-        **{key: job[key] for key in ("setting", "strategy", "k", "seed")},
+        **{key: job[key] for key in ("setting", "strategy", "k", "seed", "epochs")},
         "accuracy": float((predicted == test.labels.numpy()).mean()),
         "agreement": float((predicted == np.asarray(job["target_test_labels"])).mean()),
         "train_seconds": round(seconds, 2),
@@ -164,12 +164,33 @@ def main() -> int:
                     )  # fmt: skip
         print(f"{setting}: selections ready ({len(jobs)} substitutes queued)", flush=True)
 
-    with ProcessPoolExecutor(max_workers=args.workers) as executor:
-        rows = []
-        for i, row in enumerate(executor.map(train_one, jobs, chunksize=1), 1):
+    # Every finished substitute is appended to a JSON-lines file at once, so an interrupted run
+    # loses nothing: the next run with the same output skips what is already there.
+    progress_path = args.output.with_suffix(".rows.jsonl")
+    progress_path.parent.mkdir(parents=True, exist_ok=True)
+    rows = (
+        [json.loads(line) for line in progress_path.read_text().splitlines()]
+        if progress_path.exists()
+        else []
+    )
+    done = {(r["setting"], r["strategy"], r["k"], r["seed"], r["epochs"]) for r in rows}
+    todo = [
+        j for j in jobs if (j["setting"], j["strategy"], j["k"], j["seed"], j["epochs"]) not in done
+    ]
+    print(
+        f"{len(jobs) - len(todo)} substitutes already trained (from {progress_path}), {len(todo)} to go"
+    )
+    with ProcessPoolExecutor(max_workers=args.workers) as executor, progress_path.open("a") as sink:
+        for i, row in enumerate(executor.map(train_one, todo, chunksize=1), 1):
             rows.append(row)
-            if i % 10 == 0 or i == len(jobs):
-                print(f"  {i}/{len(jobs)} substitutes trained", flush=True)
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            if i % 10 == 0 or i == len(todo):
+                print(f"  {i}/{len(todo)} substitutes trained", flush=True)
+    wanted = {(j["setting"], j["strategy"], j["k"], j["seed"], j["epochs"]) for j in jobs}
+    rows = [
+        r for r in rows if (r["setting"], r["strategy"], r["k"], r["seed"], r["epochs"]) in wanted
+    ]
 
     summary = summarise(rows)
     report = {
