@@ -2,6 +2,8 @@
 
 attacker select  --method drmi --pool mnist-embedded:pool --k 300 -o drmi300.json
 attacker extract --url URL --api-key KEY --model lenet5-mnist --selection drmi300.json -o sub.pt
+attacker transfer --url URL --api-key KEY --model lenet5-mnist --substitute sub.pt --targeted \
+                  --eps 0.5 --seeds 500 --report-dir r/
 attacker run     --url URL --api-key KEY --model lenet5-mnist --method drmi --k 300 --report-dir r/
 """
 
@@ -20,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 app = typer.Typer(
-    help="The mlaas-range attacker: DRMI query selection and model extraction.",
+    help="The mlaas-range attacker: DRMI query selection, model extraction and transfer attacks.",
     no_args_is_help=True,
 )
 console = Console(stderr=True)
@@ -46,6 +48,8 @@ EvalKey = Annotated[
     ),
 ]
 CachePath = Annotated[Path, typer.Option(help="Answer cache: a re-run never re-buys a label.")]
+Norm = Annotated[str, typer.Option(help="PGD norm: linf | l2.")]
+Steps = Annotated[int, typer.Option(min=1, help="PGD iterations.")]
 
 
 @app.callback()
@@ -256,6 +260,175 @@ def extract(
     console.print(f"substitute -> {output}")
 
 
+def _make_attack(
+    *,
+    targeted: bool,
+    eps: str | None,
+    norm: str,
+    steps: int,
+    step_size: float | None,
+    random_start: bool,
+    early_stop: bool,
+    seed: int,
+):
+    """The PGD attack the options describe; raises ValueError naming a bad value."""
+    from attacker.transfer import PGD, default_eps, parse_eps
+
+    bound = default_eps(targeted) if eps is None else parse_eps(eps)
+    return PGD(
+        norm=norm,
+        eps=bound,
+        steps=steps,
+        step_size=step_size,
+        random_start=random_start,
+        early_stop=early_stop,
+        seed=seed,
+    )
+
+
+def _transfer_step(
+    *,
+    url: str,
+    api_key: str,
+    model: str,
+    substitute,
+    seed_set,
+    attack,
+    targeted: bool,
+    seeds: int,
+    seed: int,
+    noise_baseline: bool,
+    cache: Path,
+) -> dict[str, Any]:
+    """Craft on the substitute, send what fools it to the target; returns the summary."""
+    from attacker.transfer import transfer_attack
+
+    with _progress() as progress, _oracle(url, api_key, model, cache) as oracle:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        result = transfer_attack(
+            oracle,
+            substitute,
+            seed_set,
+            attack=attack,
+            targeted=targeted,
+            seeds=seeds,
+            seed=seed,
+            noise_baseline=noise_baseline,
+            progress=on_progress,
+        )
+    summary = result.summary()
+    summary.update(url=url, model=model)
+    return summary
+
+
+def _print_transfer(summary: dict[str, Any]) -> None:
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2%}"
+
+    mode = "targeted" if summary["targeted"] else "untargeted"
+    table = Table(
+        "attack", "crafted", "fooled substitute", "sent", "fooled target", "transferability",
+        "noise baseline", "queries (examples + noise)",
+    )  # fmt: skip
+    table.add_row(
+        f"{mode} PGD {summary['norm']} eps {summary['eps']:.3g}",
+        str(summary["crafted"]),
+        str(summary["fooled_substitute"]),
+        str(summary["sent"]),
+        str(summary["fooled_target"]),
+        pct(summary["transferability"]),
+        pct(summary["noise_baseline"]),
+        f"{summary['sent']} + {summary['noise_queries']}",
+    )
+    Console().print(table)
+    if summary["budget_exhausted"] or summary["blocked"]:
+        why = "budget exhausted" if summary["budget_exhausted"] else "blocked by the service"
+        console.print(f"[yellow]{why}: figures cover what was sent before that[/yellow]")
+
+
+@app.command()
+def transfer(
+    url: Url,
+    api_key: ApiKey,
+    model: Model = "lenet5-mnist",
+    substitute: Annotated[
+        Path, typer.Option(help="Substitute checkpoint (from `attacker extract`).")
+    ] = Path("substitute.pt"),
+    targeted: Annotated[
+        bool,
+        typer.Option(
+            "--targeted/--untargeted",
+            help="Targeted: one example per other class for each seed; untargeted: one per seed.",
+        ),
+    ] = True,
+    eps: Annotated[
+        str | None,
+        typer.Option(
+            help="Perturbation bound in [0, 1] pixel units, a number or a fraction like 128/255 "
+            "(default 0.5 targeted, 0.3 untargeted, as the paper)."
+        ),
+    ] = None,
+    norm: Norm = "linf",
+    steps: Steps = 40,
+    step_size: Annotated[
+        float | None, typer.Option(help="PGD step (default 2.5 * eps / steps).")
+    ] = None,
+    random_start: Annotated[bool, typer.Option(help="Start PGD at a random point.")] = True,
+    early_stop: Annotated[
+        bool, typer.Option(help="Stop moving an example once it fools the substitute.")
+    ] = False,
+    seeds: Annotated[
+        int, typer.Option(min=1, help="Seed images (the substitute classifies them correctly).")
+    ] = 500,
+    test: Annotated[str, typer.Option("--test", help="Seed images are drawn from this set.")] = (
+        "mnist-embedded:test"
+    ),
+    data_root: DataRoot = None,
+    seed: Annotated[int, typer.Option(help="Seed of the seed draw, PGD and the noise.")] = 0,
+    noise_baseline: Annotated[
+        bool,
+        typer.Option(
+            help="Also send random noise of the same size as each example sent (one query each, "
+            "counted as noise_queries) to measure the baseline."
+        ),
+    ] = True,
+    cache: CachePath = DEFAULT_CACHE,
+    report_dir: Annotated[
+        Path, typer.Option(help="Where transfer.json / transfer.md / plots go.")
+    ] = Path("reports"),
+) -> None:
+    """Craft PGD examples on the substitute and send those that fool it to the target."""
+    from attacker.oracle import OracleError
+    from attacker.transfer import write_transfer_report
+    from mlcore.checkpoints import CheckpointError, load_checkpoint
+    from mlcore.datasets import load_dataset
+
+    try:
+        attack = _make_attack(
+            targeted=targeted, eps=eps, norm=norm, steps=steps, step_size=step_size,
+            random_start=random_start, early_stop=early_stop, seed=seed,
+        )  # fmt: skip
+        checkpoint = load_checkpoint(substitute)
+        seed_set = load_dataset(test, data_root=data_root)
+        summary = _transfer_step(
+            url=url, api_key=api_key, model=model, substitute=checkpoint.model, seed_set=seed_set,
+            attack=attack, targeted=targeted, seeds=seeds, seed=seed,
+            noise_baseline=noise_baseline, cache=cache,
+        )  # fmt: skip
+    except (OracleError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+    summary["substitute"] = str(substitute)
+    path = write_transfer_report(report_dir, summary)
+    _print_transfer(summary)
+    console.print(f"report -> {path} (and transfer.md, confusion.png, success_vs_queries.png)")
+
+
 @app.command()
 def run(
     url: Url,
@@ -283,15 +456,41 @@ def run(
     report_dir: Annotated[Path, typer.Option(help="Where report.json / report.md go.")] = Path(
         "reports"
     ),
+    transfer: Annotated[
+        bool, typer.Option(help="Finish with a transfer attack from the last substitute.")
+    ] = True,
+    transfer_seeds: Annotated[
+        int, typer.Option(min=1, help="Transfer: seed images (9 examples each when targeted).")
+    ] = 20,
+    transfer_targeted: Annotated[
+        bool, typer.Option("--transfer-targeted/--transfer-untargeted", help="Transfer: mode.")
+    ] = True,
+    transfer_eps: Annotated[
+        str | None, typer.Option(help="Transfer: eps (default 0.5 targeted, 0.3 untargeted).")
+    ] = None,
+    transfer_norm: Annotated[str, typer.Option(help="Transfer: linf | l2.")] = "linf",
+    transfer_noise_baseline: Annotated[
+        bool, typer.Option(help="Transfer: also send same-size random noise (costs queries).")
+    ] = True,
 ) -> None:
-    """Select, extract and evaluate for each method and budget; write a report."""
+    """Select, extract and evaluate for each method and budget, then (unless --no-transfer)
+    attack the target with PGD examples crafted on the last substitute; write a report."""
     from attacker.oracle import OracleError
     from attacker.report import write_report
+    from attacker.transfer import attach_to_run_report
     from mlcore.checkpoints import save_checkpoint
     from mlcore.datasets import load_dataset
 
     methods, budgets = method or ["drmi"], sorted(k or [300])
     runs: list[dict[str, Any]] = []
+    substitute = None
+    try:  # a bad transfer option must fail before any label is bought
+        attack = _make_attack(
+            targeted=transfer_targeted, eps=transfer_eps, norm=transfer_norm, steps=40,
+            step_size=None, random_start=True, early_stop=False, seed=seed,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise _fail(exc) from None
     try:
         test_set = load_dataset(test, data_root=data_root)
         labels = _target_labels(url, eval_api_key, model, cache, test_set)
@@ -309,6 +508,7 @@ def run(
                 )  # fmt: skip
                 record["select_seconds"] = round(select_seconds, 2)
                 runs.append(record)
+                substitute = result.substitute
                 name = f"substitute-{method_name}-k{budget}.pt"
                 save_checkpoint(
                     report_dir / name,
@@ -336,6 +536,20 @@ def run(
     }
     path = write_report(report_dir, runs, meta)
     _print_runs(runs)
+    summary: dict[str, Any] | None = None
+    if transfer and substitute is not None:
+        try:
+            summary = _transfer_step(
+                url=url, api_key=api_key, model=model, substitute=substitute, seed_set=test_set,
+                attack=attack, targeted=transfer_targeted, seeds=transfer_seeds, seed=seed,
+                noise_baseline=transfer_noise_baseline, cache=cache,
+            )  # fmt: skip
+        except (OracleError, ValueError) as exc:
+            console.print(f"[red]transfer step failed:[/red] {exc}")
+            summary = {"error": str(exc)}
+    attach_to_run_report(report_dir, summary)
+    if summary is not None and "error" not in summary:
+        _print_transfer(summary)
     console.print(f"report -> {path} (and report.md)")
 
 
