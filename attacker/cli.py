@@ -213,6 +213,91 @@ def _extract_and_evaluate(
     return result, run
 
 
+def _jbda_and_evaluate(
+    *,
+    url: str,
+    api_key: str,
+    model: str,
+    pool,
+    k: int,
+    test,
+    arch: str,
+    seed: int,
+    cache: Path,
+    target_labels: np.ndarray | None,
+) -> tuple[Any, dict[str, Any]]:
+    """JbDA spends ``k`` queries on synthetic points (its own schedule: 100 seeds, lambda 0.1,
+    sign flip after 3 rounds, 10 epochs per round)."""
+    from attacker.extraction import evaluate_substitute
+    from attacker.jbda import jbda_extract
+
+    with _progress() as progress, _oracle(url, api_key, model, cache, progress, total=k) as oracle:
+        result = jbda_extract(oracle, pool, k=k, arch=arch, seed=seed)
+        paid = oracle.queries_bought
+    run = {
+        "method": "jbda",
+        "params": {"seed_size": 100, "lambda": 0.1, "tau": 3, "epochs_per_round": 10},
+        "k": k,
+        "queries_bought": result.queries_bought,
+        "queries_paid": paid,
+        "budget_exhausted": result.budget_exhausted,
+        "blocked": result.blocked,
+        **evaluate_substitute(result.substitute, test, target_labels=target_labels),
+        "train_seconds": round(result.train_seconds, 2),
+        "seed": seed,
+    }
+    return result, run
+
+
+@app.command("simulate-benign")
+def simulate_benign(
+    url: Url,
+    api_key: ApiKey,
+    model: Model = "lenet5-mnist",
+    queries: Annotated[int, typer.Option(min=1, help="How many images to send.")] = 1000,
+    images: Annotated[
+        str, typer.Option(help="Natural images to draw from, name:split.")
+    ] = "mnist-embedded:test",
+    repeat_rate: Annotated[
+        float, typer.Option(help="Share of queries re-sending a recent one.")
+    ] = 0.1,
+    noise: Annotated[float, typer.Option(help="Pixel noise (std, [0,1] units) on repeats.")] = 0.02,
+    request_size: Annotated[int, typer.Option(min=1, help="Images per request.")] = 10,
+    seed: Seed = 0,
+    data_root: DataRoot = None,
+) -> None:
+    """Behave like a normal customer: natural images in random order, with repeats and
+    near-duplicates (a defence must not flag this client)."""
+    from attacker.oracle import Blocked, BudgetExhausted, HttpOracle, OracleError
+    from mlcore.datasets import load_dataset
+    from mlcore.streams import benign_stream
+
+    try:
+        source = load_dataset(images, data_root=data_root)
+        stream = benign_stream(
+            source.images, queries, repeat_rate=repeat_rate, noise=noise, seed=seed
+        )
+    except ValueError as exc:
+        raise _fail(exc) from None
+    x, truth = stream.images.numpy(), source.labels[stream.source].numpy()
+    outcome, blocked = "answered every query", False
+    with HttpOracle(url, api_key, model, batch_size=request_size) as oracle:  # no cache: re-send
+        try:
+            answers = oracle.predict_labels(x)
+        except (Blocked, BudgetExhausted) as exc:
+            answers, outcome, blocked = exc.labels, f"stopped: {exc}", isinstance(exc, Blocked)
+        except OracleError as exc:
+            raise _fail(exc) from None
+    answered = answers >= 0
+    console.print(
+        f"benign client sent {int(answered.sum())} of {queries} queries "
+        f"({int(stream.repeated.sum())} repeats); {outcome}; the target's answers were right on "
+        f"{(answers[answered] == truth[answered]).mean():.2%} of them"
+    )
+    if blocked:
+        raise typer.Exit(code=3)
+
+
 @app.command()
 def extract(
     url: Url,
@@ -435,7 +520,7 @@ def run(
     api_key: ApiKey,
     model: Model = "lenet5-mnist",
     method: Annotated[
-        list[str] | None, typer.Option(help="Selection method(s): drmi, random.")
+        list[str] | None, typer.Option(help="Method(s): drmi, random, jbda (Papernot et al.).")
     ] = None,
     k: Annotated[
         list[int] | None, typer.Option(help="Budget(s) to try; one substitute each.")
@@ -496,17 +581,23 @@ def run(
         labels = _target_labels(url, eval_api_key, model, cache, test_set)
         for method_name in methods:
             for budget in budgets:
-                params = _selector_params(
-                    method_name, alpha=alpha, init=init, bins=bins, starts=starts, seed=seed
-                )
-                pool_set, selection, select_seconds = _select(
-                    pool, data_root, method_name, budget, params
-                )
-                result, record = _extract_and_evaluate(
-                    url=url, api_key=api_key, model=model, pool=pool_set, selection=selection, test=test_set,
-                    arch=arch, epochs=epochs, batch_size=batch_size, seed=seed, cache=cache, target_labels=labels,
-                )  # fmt: skip
-                record["select_seconds"] = round(select_seconds, 2)
+                if method_name == "jbda":  # synthesises its queries: no selection step
+                    result, record = _jbda_and_evaluate(
+                        url=url, api_key=api_key, model=model, pool=load_dataset(pool, data_root=data_root),
+                        k=budget, test=test_set, arch=arch, seed=seed, cache=cache, target_labels=labels,
+                    )  # fmt: skip
+                else:
+                    params = _selector_params(
+                        method_name, alpha=alpha, init=init, bins=bins, starts=starts, seed=seed
+                    )
+                    pool_set, selection, select_seconds = _select(
+                        pool, data_root, method_name, budget, params
+                    )
+                    result, record = _extract_and_evaluate(
+                        url=url, api_key=api_key, model=model, pool=pool_set, selection=selection, test=test_set,
+                        arch=arch, epochs=epochs, batch_size=batch_size, seed=seed, cache=cache, target_labels=labels,
+                    )  # fmt: skip
+                    record["select_seconds"] = round(select_seconds, 2)
                 runs.append(record)
                 substitute = result.substitute
                 name = f"substitute-{method_name}-k{budget}.pt"
@@ -518,8 +609,9 @@ def run(
                     dataset=pool,
                     metrics=record,
                 )
-                if result.budget_exhausted:
-                    console.print("[yellow]budget exhausted: stopping here[/yellow]")
+                if result.budget_exhausted or result.blocked:
+                    why = "blocked by the service" if result.blocked else "budget exhausted"
+                    console.print(f"[yellow]{why}: stopping here[/yellow]")
                     break
     except (OracleError, ValueError, FileNotFoundError) as exc:
         if not runs:

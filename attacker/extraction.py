@@ -32,6 +32,7 @@ class ExtractionResult:
     queries_bought: int
     train_seconds: float
     budget_exhausted: bool = False
+    blocked: bool = False  # a detector blocked the client mid-way (labels so far are kept)
     metrics: dict[str, float | None] = field(default_factory=dict)
 
 

@@ -72,13 +72,14 @@ def jbda_extract(
 
     arch_kwargs = {"in_channels": pool.input_shape[0], "num_classes": pool.num_classes}
     images = pool.images[torch.as_tensor(seeds)].float().div(255.0)
-    exhausted = False
+    exhausted = blocked = False
     started = time.perf_counter()
     try:
         labels = torch.as_tensor(oracle.predict_labels(images.numpy().astype(np.float32)))
     except (BudgetExhausted, Blocked) as exc:
         bought = torch.as_tensor(exc.labels) >= 0
         images, labels, exhausted = images[bought], torch.as_tensor(exc.labels)[bought], True
+        blocked = isinstance(exc, Blocked)
     round_index = 0
     while True:
         seed_everything(seed + round_index)
@@ -108,6 +109,7 @@ def jbda_extract(
                 torch.as_tensor(exc.labels)[bought],
                 True,
             )
+            blocked = isinstance(exc, Blocked)
         images = torch.cat([images, synthetic])
         labels = torch.cat([labels, new_labels])
         round_index += 1
@@ -122,5 +124,6 @@ def jbda_extract(
         labels=labels.numpy(),
         queries_bought=len(images),
         train_seconds=time.perf_counter() - started,
-        budget_exhausted=exhausted,
+        budget_exhausted=exhausted and not blocked,
+        blocked=blocked,
     )

@@ -112,6 +112,11 @@ def main() -> int:
     parser.add_argument("--alphas", nargs="+", type=float, default=[1.0, 2.0, 4.0])
     parser.add_argument("--inits", nargs="+", default=["min-sum", "min-max"])
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="summarise the rows trained so far; train nothing",
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--checkpoint-dir", type=Path, default=ROOT / "results" / "checkpoints")
@@ -177,6 +182,8 @@ def main() -> int:
     todo = [
         j for j in jobs if (j["setting"], j["strategy"], j["k"], j["seed"], j["epochs"]) not in done
     ]
+    if args.report_only:
+        todo = []
     print(
         f"{len(jobs) - len(todo)} substitutes already trained (from {progress_path}), {len(todo)} to go"
     )
@@ -235,6 +242,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def to_markdown(summary: list[dict[str, Any]], ks: list[int]) -> str:
+    max_seeds = max((row["seeds"] for row in summary), default=0)
     lines = []
     for setting in dict.fromkeys(row["setting"] for row in summary):
         lines += [
@@ -258,6 +266,8 @@ def to_markdown(summary: list[dict[str, Any]], ks: list[int]) -> str:
                 r = match[0]
                 paper = PAPER.get(strategy, {}).get(k)
                 cell = f"{r['accuracy_mean']:.2%} ± {r['accuracy_std']:.2%}"
+                if r["seeds"] < max_seeds:
+                    cell += f" (n={r['seeds']})"
                 cells.append(cell + (f" [{paper:.2%}]" if paper else ""))
             lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -57,17 +57,23 @@ def show_customer_view(server: LiveServer) -> None:
     )
 
 
+TRANSFER_SEEDS = 10  # targeted: 9 examples per seed, plus as many same-size noise probes
+
+
 def run_attacks(server: LiveServer, budgets: list[int], work: Path) -> list[dict]:
-    """`attacker run` once per method, each with its own account and the same budget."""
+    """`attacker run` once per method, each with its own account and the same budget: the
+    labels for every k, then a targeted transfer attack from the largest substitute."""
     _, eval_key = admin_create_client(server, "demo-evaluator", budget=1000)
+    budget = sum(budgets) + 2 * 9 * TRANSFER_SEEDS
     reports = []
     for method in ("random", "drmi"):
-        _, key = admin_create_client(server, f"demo-{method}", budget=sum(budgets))
+        _, key = admin_create_client(server, f"demo-{method}", budget=budget)
         report_dir = work / f"reports-{method}"
         command = [
             sys.executable, "-m", "attacker.cli", "run", "--url", server.url, "--api-key", key,
             "--eval-api-key", eval_key, "--model", "lenet5-mnist", "--method", method,
             "--cache", str(work / f"cache-{method}.sqlite3"), "--report-dir", str(report_dir),
+            "--transfer-seeds", str(TRANSFER_SEEDS),
         ]  # fmt: skip
         for k in budgets:
             command += ["--k", str(k)]
@@ -115,6 +121,14 @@ def main() -> int:
             f"{drmi['agreement']:.2%}",
         )
     console.print(table)
+    transfer = {report["method"]: report.get("transfer") or {} for report in reports}
+    if all("transferability" in t for t in transfer.values()):
+        console.print(
+            f"targeted PGD (eps {transfer['drmi'].get('eps')}) crafted on the k={budgets[-1]} "
+            f"substitute, sent to the target: transferability random "
+            f"{transfer['random']['transferability']:.2%}, DRMI {transfer['drmi']['transferability']:.2%} "
+            f"(same-size random noise: {transfer['drmi']['noise_baseline']:.2%})"
+        )
     console.print(f"reports and the server log are under {work}; the service has been stopped.")
     return 0
 

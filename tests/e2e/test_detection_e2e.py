@@ -136,3 +136,31 @@ def test_detector_state_resumes_from_snapshot_and_log_after_kill_9(
     assert after == before
     assert set(after) == {"prada", "mi_redundancy"}
     assert after["mi_redundancy"]["queries_seen"] == 130
+
+
+def test_cli_jbda_is_blocked_and_a_benign_simulator_is_not(
+    live_server_factory: Callable[..., LiveServer], tmp_path
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    server = live_server_factory(detectors=PRADA_ONLY, alarm_policies={"lenet5-mnist": "block"})
+    _, benign_key = admin_create_client(server, "benign", budget=1000)
+    jbda_id, jbda_key = admin_create_client(server, "jbda", budget=2000)
+    common = [sys.executable, "-m", "attacker.cli"]
+    benign = subprocess.run(
+        [*common, "simulate-benign", "--url", server.url, "--api-key", benign_key,
+         "--queries", "300", "--repeat-rate", "0"],
+        timeout=600,
+    )  # fmt: skip
+    assert benign.returncode == 0
+    subprocess.run(
+        [*common, "run", "--url", server.url, "--api-key", jbda_key, "--method", "jbda", "--k", "800",
+         "--no-transfer", "--cache", str(tmp_path / "c.sqlite3"), "--report-dir", str(tmp_path / "r")],
+        check=True, timeout=900,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["method"] == "jbda" and report["blocked"] is True
+    assert report["queries_bought"] < 800
+    assert admin(server, f"/v1/admin/clients/{jbda_id}")["queries_used"] == report["queries_bought"]
