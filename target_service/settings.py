@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     snapshot_every: int = Field(
         default=1000, ge=1, description="Detector snapshot period (queries)."
     )
+    torch_threads: int = Field(
+        default=1,
+        ge=1,
+        description="Threads per torch op; requests already run in parallel in the thread pool, "
+        "and on a small machine one thread per op is several times faster than two.",
+    )
 
     @field_validator("output_policies")
     @classmethod
