@@ -72,14 +72,8 @@ def jbda_extract(
 
     arch_kwargs = {"in_channels": pool.input_shape[0], "num_classes": pool.num_classes}
     images = pool.images[torch.as_tensor(seeds)].float().div(255.0)
-    exhausted = blocked = False
     started = time.perf_counter()
-    try:
-        labels = torch.as_tensor(oracle.predict_labels(images.numpy().astype(np.float32)))
-    except (BudgetExhausted, Blocked) as exc:
-        bought = torch.as_tensor(exc.labels) >= 0
-        images, labels, exhausted = images[bought], torch.as_tensor(exc.labels)[bought], True
-        blocked = isinstance(exc, Blocked)
+    images, labels, stop = _buy(oracle, images)
     round_index = 0
     while True:
         seed_everything(seed + round_index)
@@ -93,23 +87,12 @@ def jbda_extract(
             seed=seed + round_index,
         )
         room = k - len(images)
-        if room <= 0 or exhausted:
+        if room <= 0 or stop is not None:
             break
         lam_r = -lam if round_index < tau else lam
         parents = torch.arange(len(images))[:room]
         synthetic = jacobian_step(model, images[parents], labels[parents], lam_r)
-        try:
-            new_labels = torch.as_tensor(
-                oracle.predict_labels(synthetic.numpy().astype(np.float32))
-            )
-        except (BudgetExhausted, Blocked) as exc:
-            bought = torch.as_tensor(exc.labels) >= 0
-            synthetic, new_labels, exhausted = (
-                synthetic[bought],
-                torch.as_tensor(exc.labels)[bought],
-                True,
-            )
-            blocked = isinstance(exc, Blocked)
+        synthetic, new_labels, stop = _buy(oracle, synthetic)
         images = torch.cat([images, synthetic])
         labels = torch.cat([labels, new_labels])
         round_index += 1
@@ -124,6 +107,22 @@ def jbda_extract(
         labels=labels.numpy(),
         queries_bought=len(images),
         train_seconds=time.perf_counter() - started,
-        budget_exhausted=exhausted and not blocked,
-        blocked=blocked,
+        budget_exhausted=isinstance(stop, BudgetExhausted),
+        blocked=isinstance(stop, Blocked),
     )
+
+
+def _buy(
+    oracle: LabelOracle, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, BudgetExhausted | Blocked | None]:
+    """Labels for float ``images``; on a 402/403 keep the images that were answered and return
+    the refusal, so the caller trains on what it has and stops."""
+    try:
+        return (
+            images,
+            torch.as_tensor(oracle.predict_labels(images.numpy().astype(np.float32))),
+            None,
+        )
+    except (BudgetExhausted, Blocked) as exc:
+        bought = torch.as_tensor(exc.labels) >= 0
+        return images[bought], torch.as_tensor(exc.labels)[bought], exc
