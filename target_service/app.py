@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from target_service.detection import DetectionHub
 from target_service.errors import ServiceError
 from target_service.metrics import ServiceMetrics
-from target_service.routes import admin, public
+from target_service.routes import admin, datasets, public, training
 from target_service.service import TargetService
 from target_service.settings import Settings
 from target_service.state import StateStore
@@ -55,11 +55,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics=metrics,
             snapshot_every=settings.snapshot_every,
         )
-        app.state.service = TargetService(settings, store, models, metrics, detection)
+        service = TargetService(settings, store, models, metrics, detection)
+        app.state.service = service
+        if store.unfinished_jobs():  # queued before a restart, or running when it was killed
+            service.workers.ensure_started()
         logger.info("serving %s with state in %s", sorted(models), settings.state_path)
         try:
             yield
         finally:
+            service.workers.stop()
             detection.close()
             store.close()
 
@@ -71,7 +75,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(public.router)
     app.include_router(admin.router)
-    app.add_middleware(RequestBodyGuard, max_bytes=settings.max_body_bytes)
+    app.include_router(datasets.router)
+    app.include_router(training.router)
+    app.add_middleware(
+        RequestBodyGuard, max_bytes=settings.max_body_bytes, streamed=(datasets.router.prefix,)
+    )
     _install_error_handlers(app)
     return app
 
@@ -120,14 +128,20 @@ class RequestBodyGuard:
     object body as JSON whatever Content-Type came with it (``curl -d`` says form-urlencoded).
 
     Relaxing the Content-Type is safe here: every route needs an ``Authorization`` header, which
-    a cross-site browser request cannot send without a CORS preflight.
+    a cross-site browser request cannot send without a CORS preflight. Paths under ``streamed``
+    (dataset uploads) pass through unread: their route streams the body to disk, with its own
+    limit.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, *, max_bytes: int, streamed: tuple[str, ...] = ()) -> None:
+        self.app, self.max_bytes, self.streamed = app, max_bytes, streamed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in ("POST", "PUT", "PATCH")
+            or scope["path"].startswith(self.streamed)
+        ):
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")

@@ -35,6 +35,11 @@ def get_client(service: ServiceDep, credentials: Credentials) -> Client:
     return service.store.authenticate(_token(credentials))
 
 
+def get_optional_client(service: ServiceDep, credentials: Credentials) -> Client | None:
+    """The calling client when a key is sent (401 if it is not valid), else None."""
+    return None if credentials is None else get_client(service, credentials)
+
+
 def require_admin(service: ServiceDep, credentials: Credentials) -> None:
     token = _token(credentials)
     admin = service.settings.admin_token
@@ -46,3 +51,4 @@ def require_admin(service: ServiceDep, credentials: Credentials) -> None:
 
 ClientDep = Annotated[Client, Depends(get_client)]
 AdminDep = Annotated[None, Depends(require_admin)]
+OptionalClientDep = Annotated[Client | None, Depends(get_optional_client)]

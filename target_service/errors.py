@@ -4,8 +4,9 @@ ServiceError (code, status)
 ├── Unauthorized      401  missing / unknown / revoked API key
 ├── Forbidden         403  not an admin, or blocked by a detector
 ├── BudgetExhausted   402  the batch does not fit the remaining budget
+│   └── QuotaExceeded 402  a training job does not fit the remaining training quota
 ├── NotFound          404  unknown model or client
-├── Conflict          409  a request_id reused for different inputs
+├── Conflict          409  a request_id reused for different inputs, a model name taken
 ├── PayloadTooLarge   413  batch or body over the limit
 ├── InvalidInput      422  shape, dtype, values, JSON
 └── RateLimited       429  too many requests per second
@@ -35,6 +36,10 @@ class Forbidden(ServiceError):
 
 class BudgetExhausted(ServiceError):
     status, code = 402, "budget_exhausted"
+
+
+class QuotaExceeded(BudgetExhausted):
+    code = "training_quota_exceeded"
 
 
 class NotFound(ServiceError):

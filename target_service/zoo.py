@@ -69,6 +69,11 @@ class HostedModel:
     policy: OutputPolicy
     metrics: dict
     defence: DefenceConfig = field(default_factory=DefenceConfig)
+    owner: str | None = None  # client_id of a client's trained model; None for the operator's
+    public: bool = True
+
+    def visible_to(self, client_id: str | None) -> bool:
+        return self.public or (client_id is not None and client_id == self.owner)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return predict_logits(self.model, images)
@@ -188,3 +193,39 @@ def _with_references(
         return detectors
     reference = mi_reference(spec, checkpoint_dir, data_root)
     return {**detectors, "mi_redundancy": {**detectors["mi_redundancy"], "reference": reference}}
+
+
+# -- models clients trained (training jobs) -----------------------------------------------------
+def user_model_path(state_dir: Path, job_id: str) -> Path:
+    return state_dir / "models" / f"{job_id}.pt"
+
+
+def user_mi_reference_path(state_dir: Path, job_id: str) -> Path:
+    return state_dir / "models" / f"{job_id}.mi_reference.json"
+
+
+def load_user_model(job: dict[str, Any], state_dir: Path) -> HostedModel:
+    """The model a succeeded training job produced, with the policy and detectors its owner
+    chose; the MI detector uses the reference the worker measured on the owner's data."""
+    spec = job["spec"]["request"]
+    checkpoint = load_checkpoint(user_model_path(state_dir, job["job_id"]))
+    detectors = dict(DEFAULT_DETECTORS if spec.get("detectors") is None else spec["detectors"])
+    if "mi_redundancy" in detectors:
+        reference = user_mi_reference_path(state_dir, job["job_id"])
+        if reference.exists():
+            detectors["mi_redundancy"] = {**detectors["mi_redundancy"], "reference": reference}
+        else:  # too few training images to measure one (the job's metrics say so)
+            del detectors["mi_redundancy"]
+    channels, height, width = job["spec"]["input_shape"]
+    return HostedModel(
+        name=job["model"],
+        dataset=f"upload:{job['spec']['dataset_name']}",
+        model=checkpoint.model,
+        input_shape=(channels, height, width),
+        num_classes=job["spec"]["classes"],
+        policy=parse_policy(spec.get("output_policy", "label-only")),
+        metrics=checkpoint.metrics,
+        defence=DefenceConfig(detectors, spec.get("alarm_policy", "log")),
+        owner=job["client_id"],
+        public=job["publish"] == "public",
+    )

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mlcore.wire import ErrorResponse, ModelInfo, ModelList, PredictRequest, PredictResponse
-from target_service.deps import ClientDep, ServiceDep
+from target_service.deps import ClientDep, OptionalClientDep, ServiceDep
 
 router = APIRouter()
 
@@ -27,8 +27,10 @@ def metrics(service: ServiceDep) -> Response:
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models")
-def list_models(service: ServiceDep) -> ModelList:
+@router.get("/v1/models", responses={401: {"model": ErrorResponse}})
+def list_models(service: ServiceDep, client: OptionalClientDep) -> ModelList:
+    """The operator's models and every public client model; with an API key, also the
+    caller's own private models (another client's private model is never listed)."""
     return ModelList(
         models=[
             ModelInfo(
@@ -39,13 +41,14 @@ def list_models(service: ServiceDep) -> ModelList:
                 num_classes=hosted.num_classes,
                 output_policy=hosted.policy.name,
             )
-            for hosted in service.models.values()
+            for hosted in service.visible_models(client.client_id if client else None)
         ]
     )
 
 
-@router.post("/v1/models/{name}/predict", response_model=PredictResponse, responses=_ERRORS)
+@router.post("/v1/models/{name:path}/predict", response_model=PredictResponse, responses=_ERRORS)
 def predict(name: str, body: PredictRequest, client: ClientDep, service: ServiceDep) -> Any:
-    """One image is one query. A repeated ``request_id`` returns the stored answer, uncharged."""
+    """One image is one query. A repeated ``request_id`` returns the stored answer, uncharged.
+    Clients' trained models are named ``u/<client-name>/<name>``."""
     answer = service.predict(client, name, body)
-    return service.model(name).policy.response_model(**answer)
+    return service.model(name, client.client_id).policy.response_model(**answer)
