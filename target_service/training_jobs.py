@@ -94,7 +94,9 @@ class TrainingJobRequest(_Strict):
     @classmethod
     def _known_recipe(cls, value: str | Recipe) -> str | Recipe:
         if isinstance(value, str) and value not in RECIPES:
-            raise ValueError(f"recipe must be one of {sorted(RECIPES)} or an object")
+            raise ValueError(
+                f"recipe must be one of {sorted(RECIPES)} or an object, got {value[:100]!r}"
+            )
         return value
 
     @field_validator("name")

@@ -110,16 +110,23 @@ def run_worker(settings: Settings) -> None:
     logger.info("training worker %d polling %s", os.getpid(), settings.state_path)
     try:
         while os.getppid() == parent:
-            token = uuid.uuid4().hex
-            job = store.claim_job(token, lease_seconds=settings.training_lease_seconds)
-            if job is None:
+            if not run_next_job(store, settings, parent=parent):
                 time.sleep(settings.training_poll_seconds)
-                continue
-            JobRunner(store, settings, job, token, parent).run()
     except WorkerStopped:
         logger.info("training worker %d stopped", os.getpid())
     finally:
         store.close()
+
+
+def run_next_job(store: StateStore, settings: Settings, *, parent: int) -> bool:
+    """Claim one job and run it to its end; False if the queue was empty. ``parent`` is the
+    process whose exit this worker must not outlive."""
+    token = uuid.uuid4().hex
+    job = store.claim_job(token, lease_seconds=settings.training_lease_seconds)
+    if job is None:
+        return False
+    JobRunner(store, settings, job, token, parent).run()
+    return True
 
 
 class JobRunner:
