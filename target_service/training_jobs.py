@@ -62,7 +62,7 @@ class Recipe(_Strict):
 
 
 RECIPES: dict[str, Recipe] = {
-    "fastest": Recipe(epochs=2, batch_size=64),
+    "fastest": Recipe(epochs=3, batch_size=32),
     "standard": Recipe(epochs=15, batch_size=32),
 }
 

@@ -87,7 +87,9 @@ def digits(n: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return data.images.numpy()[index], data.labels.numpy()[index]
 
 
-def upload(http: TestClient, key: str, body: bytes, *, name: str = "digits", query: str = "") -> Any:
+def upload(
+    http: TestClient, key: str, body: bytes, *, name: str = "digits", query: str = ""
+) -> Any:
     return http.post(
         f"/v1/datasets?name={name}{query}",
         content=body,
@@ -170,54 +172,92 @@ BAD_UPLOADS = [
     BadUpload(
         "pickled-objects",
         npz(images=np.array([object()] * 3, dtype=object), labels=LABELS[:3]),
-        422, "not_npz", ("Object arrays",),
+        422,
+        "not_npz",
+        ("Object arrays",),
     ),
     BadUpload("missing-labels", npz(images=IMAGES), 422, "missing_array", ("labels",)),
     BadUpload("missing-images", npz(labels=LABELS, x=IMAGES), 422, "missing_array", ("images",)),
     BadUpload(
-        "lengths-differ", npz(images=IMAGES, labels=LABELS[:-1]), 422, "length_mismatch",
+        "lengths-differ",
+        npz(images=IMAGES, labels=LABELS[:-1]),
+        422,
+        "length_mismatch",
         ("20", "19"),
     ),
     BadUpload(
-        "negative-label", npz(images=IMAGES, labels=np.where(LABELS == LABELS[0], -1, LABELS)),
-        422, "invalid_labels", (">= 0", "-1"),
+        "negative-label",
+        npz(images=IMAGES, labels=np.where(LABELS[0] == LABELS, -1, LABELS)),
+        422,
+        "invalid_labels",
+        (">= 0", "-1"),
     ),
     BadUpload(
-        "label-out-of-range", npz(images=IMAGES, labels=np.full(20, 7)), 422, "invalid_labels",
-        ("0..4", "7"), "&classes=5",
+        "label-out-of-range",
+        npz(images=IMAGES, labels=np.full(20, 7)),
+        422,
+        "invalid_labels",
+        ("0..4", "7"),
+        "&classes=5",
     ),
     BadUpload(
-        "float-labels", npz(images=IMAGES, labels=LABELS.astype(np.float32)), 422,
-        "invalid_labels", ("integer", "float32"),
+        "float-labels",
+        npz(images=IMAGES, labels=LABELS.astype(np.float32)),
+        422,
+        "invalid_labels",
+        ("integer", "float32"),
     ),
     BadUpload(
-        "one-class", npz(images=IMAGES, labels=np.zeros(20, dtype=np.int64)), 422,
-        "invalid_labels", ("2..", "got 1"),
+        "one-class",
+        npz(images=IMAGES, labels=np.zeros(20, dtype=np.int64)),
+        422,
+        "invalid_labels",
+        ("2..", "got 1"),
     ),
     BadUpload(
-        "flat-images", npz(images=IMAGES.reshape(20, -1), labels=LABELS), 422, "invalid_shape",
+        "flat-images",
+        npz(images=IMAGES.reshape(20, -1), labels=LABELS),
+        422,
+        "invalid_shape",
         ("[20, 784]",),
     ),
     BadUpload(
-        "tiny-images", npz(images=IMAGES[:, :, :4, :4], labels=LABELS), 422, "invalid_shape",
+        "tiny-images",
+        npz(images=IMAGES[:, :, :4, :4], labels=LABELS),
+        422,
+        "invalid_shape",
         ("[1, 4, 4]",),
     ),
     BadUpload(
-        "two-channels", npz(images=np.repeat(IMAGES, 2, axis=1), labels=LABELS), 422,
-        "invalid_shape", ("[2, 28, 28]",),
+        "two-channels",
+        npz(images=np.repeat(IMAGES, 2, axis=1), labels=LABELS),
+        422,
+        "invalid_shape",
+        ("[2, 28, 28]",),
     ),
     BadUpload(
-        "int64-images", npz(images=IMAGES.astype(np.int64), labels=LABELS), 422, "invalid_dtype",
+        "int64-images",
+        npz(images=IMAGES.astype(np.int64), labels=LABELS),
+        422,
+        "invalid_dtype",
         ("int64",),
     ),
-    BadUpload("nan-floats", npz(images=_with_nan(), labels=LABELS), 422, "invalid_values", ("NaN",)),
     BadUpload(
-        "floats-over-one", npz(images=FLOATS * 2, labels=LABELS), 422, "invalid_values",
+        "nan-floats", npz(images=_with_nan(), labels=LABELS), 422, "invalid_values", ("NaN",)
+    ),
+    BadUpload(
+        "floats-over-one",
+        npz(images=FLOATS * 2, labels=LABELS),
+        422,
+        "invalid_values",
         ("[0, 1]", "2"),
     ),
     BadUpload(
-        "over-size-limit", npz(images=np.zeros((400, 1, 28, 28), np.uint8), labels=np.arange(400) % 2),
-        413, "dataset_too_large", (str(MAX_UPLOAD),),
+        "over-size-limit",
+        npz(images=np.zeros((400, 1, 28, 28), np.uint8), labels=np.arange(400) % 2),
+        413,
+        "dataset_too_large",
+        (str(MAX_UPLOAD),),
     ),
 ]
 
@@ -290,7 +330,9 @@ def account_by_name(http: TestClient, name: str) -> dict[str, Any]:
 
 
 # -- datasets: owner only ----------------------------------------------------------------------
-def test_dataset_upload_list_get_delete_owner_only(http: TestClient, app_settings: Settings) -> None:
+def test_dataset_upload_list_get_delete_owner_only(
+    http: TestClient, app_settings: Settings
+) -> None:
     owner, other = create_client(http, "ds-owner"), create_client(http, "ds-other")
     images, labels = digits(50)
     body = npz(images=images, labels=labels)
@@ -327,32 +369,93 @@ class BadJob(NamedTuple):
 
 
 BAD_JOBS = [
-    BadJob("unknown-arch", 422, "invalid_input", ("arch", "vgg99"),
-           lambda d: {"dataset_id": d["dataset"], "arch": "vgg99"}),
-    BadJob("unknown-recipe", 422, "invalid_input", ("recipe", "slowest"),
-           lambda d: {"dataset_id": d["dataset"], "recipe": "slowest"}),
-    BadJob("recipe-zero-epochs", 422, "invalid_input", ("epochs",),
-           lambda d: {"dataset_id": d["dataset"], "recipe": {"epochs": 0}}),
-    BadJob("recipe-string-epochs", 422, "invalid_input", ("epochs",),
-           lambda d: {"dataset_id": d["dataset"], "recipe": {"epochs": "3"}}),
-    BadJob("bad-output-policy", 422, "invalid_input", ("output policy",),
-           lambda d: {"dataset_id": d["dataset"], "output_policy": "logits"}),
-    BadJob("bad-detector", 422, "invalid_input", ("detector", "wizard"),
-           lambda d: {"dataset_id": d["dataset"], "detectors": {"wizard": {}}}),
-    BadJob("bad-name", 422, "invalid_input", ("name",),
-           lambda d: {"dataset_id": d["dataset"], "name": "../etc"}),
-    BadJob("arch-rejects-shape", 422, "arch_rejects_data", ("lenet5", "[1, 20, 20]"),
-           lambda d: {"dataset_id": d["small"]}),
-    BadJob("quota-exceeded", 402, "training_quota_exceeded", ("200 images x 1 epochs", "199"),
-           lambda d: {"dataset_id": d["dataset"]}, quota=199),
-    BadJob("no-quota", 402, "training_quota_exceeded", ("of 0",),
-           lambda d: {"dataset_id": d["dataset"]}, quota=0),
-    BadJob("another-clients-dataset", 404, "unknown_dataset", ("no dataset",),
-           lambda d: {"dataset_id": d["other_dataset"]}),
-    BadJob("unknown-dataset", 404, "unknown_dataset", ("nope",),
-           lambda d: {"dataset_id": "nope"}),
-    BadJob("another-clients-test-dataset", 404, "unknown_dataset", ("no dataset",),
-           lambda d: {"dataset_id": d["dataset"], "test_dataset_id": d["other_dataset"]}),
+    BadJob(
+        "unknown-arch",
+        422,
+        "invalid_input",
+        ("arch", "vgg99"),
+        lambda d: {"dataset_id": d["dataset"], "arch": "vgg99"},
+    ),
+    BadJob(
+        "unknown-recipe",
+        422,
+        "invalid_input",
+        ("recipe", "slowest"),
+        lambda d: {"dataset_id": d["dataset"], "recipe": "slowest"},
+    ),
+    BadJob(
+        "recipe-zero-epochs",
+        422,
+        "invalid_input",
+        ("epochs",),
+        lambda d: {"dataset_id": d["dataset"], "recipe": {"epochs": 0}},
+    ),
+    BadJob(
+        "recipe-string-epochs",
+        422,
+        "invalid_input",
+        ("epochs",),
+        lambda d: {"dataset_id": d["dataset"], "recipe": {"epochs": "3"}},
+    ),
+    BadJob(
+        "bad-output-policy",
+        422,
+        "invalid_input",
+        ("output policy",),
+        lambda d: {"dataset_id": d["dataset"], "output_policy": "logits"},
+    ),
+    BadJob(
+        "bad-detector",
+        422,
+        "invalid_input",
+        ("detector", "wizard"),
+        lambda d: {"dataset_id": d["dataset"], "detectors": {"wizard": {}}},
+    ),
+    BadJob(
+        "bad-name",
+        422,
+        "invalid_input",
+        ("name",),
+        lambda d: {"dataset_id": d["dataset"], "name": "../etc"},
+    ),
+    BadJob(
+        "arch-rejects-shape",
+        422,
+        "arch_rejects_data",
+        ("lenet5", "[1, 20, 20]"),
+        lambda d: {"dataset_id": d["small"]},
+    ),
+    BadJob(
+        "quota-exceeded",
+        402,
+        "training_quota_exceeded",
+        ("200 images x 1 epochs", "199"),
+        lambda d: {"dataset_id": d["dataset"]},
+        quota=199,
+    ),
+    BadJob(
+        "no-quota",
+        402,
+        "training_quota_exceeded",
+        ("of 0",),
+        lambda d: {"dataset_id": d["dataset"]},
+        quota=0,
+    ),
+    BadJob(
+        "another-clients-dataset",
+        404,
+        "unknown_dataset",
+        ("no dataset",),
+        lambda d: {"dataset_id": d["other_dataset"]},
+    ),
+    BadJob("unknown-dataset", 404, "unknown_dataset", ("nope",), lambda d: {"dataset_id": "nope"}),
+    BadJob(
+        "another-clients-test-dataset",
+        404,
+        "unknown_dataset",
+        ("no dataset",),
+        lambda d: {"dataset_id": d["dataset"], "test_dataset_id": d["other_dataset"]},
+    ),
 ]
 
 
@@ -441,7 +544,9 @@ def test_trained_private_model_is_hosted_for_its_owner_only(
     assert "u/pat/secret" in view["detectors_by_model"]  # watched by the detectors
     assert view["detectors_by_model"]["u/pat/secret"]["prada"]["queries_seen"] == 30
     assert view["training_used"] == 200
-    assert [(e["image_epochs"], e["reason"]) for e in view["training_ledger"]] == [(200, "reserved")]
+    assert [(e["image_epochs"], e["reason"]) for e in view["training_ledger"]] == [
+        (200, "reserved")
+    ]
 
 
 def test_public_model_with_mi_reference_from_the_uploaded_data(
@@ -480,9 +585,13 @@ def test_public_model_with_mi_reference_from_the_uploaded_data(
 def test_cancel_refunds_and_admin_sees_every_job_and_dataset(http: TestClient) -> None:
     key = create_client(http, "tess")
     dataset = upload_digits(http, key, 60)
-    job_id = submit(http, key, dataset_id=dataset, name="gone", recipe={"epochs": 3}).json()["job_id"]
+    job_id = submit(http, key, dataset_id=dataset, name="gone", recipe={"epochs": 3}).json()[
+        "job_id"
+    ]
     assert account_by_name(http, "tess")["training_used"] == 180
-    jobs = {j["job_id"]: j for j in http.get("/v1/admin/training-jobs", headers=ADMIN_HEADERS).json()}
+    jobs = {
+        j["job_id"]: j for j in http.get("/v1/admin/training-jobs", headers=ADMIN_HEADERS).json()
+    }
     assert jobs[job_id]["status"] == "queued" and jobs[job_id]["requested_model"] == "u/tess/gone"
     cancelled = http.delete(f"/v1/admin/training-jobs/{job_id}", headers=ADMIN_HEADERS)
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
