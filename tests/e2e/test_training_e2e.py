@@ -91,10 +91,12 @@ def predict(http: httpx2.Client, key: str, model: str, images: np.ndarray) -> ht
     )
 
 
-def test_upload_train_host_private_and_quota(
-    live_server_factory: Callable[..., LiveServer],
-) -> None:
-    server = live_server_factory(**FAST_LEASE)
+@pytest.fixture(scope="module")
+def server(module_server_factory: Callable[..., LiveServer]) -> LiveServer:
+    return module_server_factory(**FAST_LEASE)
+
+
+def test_upload_train_host_private_and_quota(server: LiveServer) -> None:
     alice = create_client(server, "alice", budget=1000, quota=10_000)
     bob = create_client(server, "bob", budget=1000, quota=0)
     train_x, train_y = sample("mnist-embedded:target-train", 600, seed=1)
@@ -158,6 +160,53 @@ def test_upload_train_host_private_and_quota(
         clients = http.get("/v1/admin/clients", headers=server.admin_headers).json()
         bob_view = next(c for c in clients if c["name"] == "bob")
         assert (bob_view["training_used"], bob_view["queries_used"]) == (0, 200)
+
+
+def test_defender_cli_uploads_trains_and_follows(server: LiveServer, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from defenses.cli import app
+
+    key = create_client(server, "dana", budget=10, quota=10_000)
+    x, y = sample("mnist-embedded:target-train", 300, seed=4)
+    np.savez(tmp_path / "mine.npz", images=x, labels=y)
+    runner = CliRunner()
+    common = ["--url", server.url, "--api-key", key]
+    uploaded = runner.invoke(
+        app, ["upload", *common, "--dataset", str(tmp_path / "mine.npz"), "--name", "digits"]
+    )
+    assert uploaded.exit_code == 0, uploaded.output
+    dataset_id = uploaded.stdout.strip().splitlines()[-1]
+    train = ["train", *common, "--dataset-id", dataset_id, "--arch", "lenet5"]
+    followed = runner.invoke(
+        app,
+        [
+            *train,
+            "--name",
+            "cli-model",
+            "--recipe",
+            '{"epochs": 2}',
+            "--publish",
+            "public",
+            "--output-policy",
+            "probabilities:4",
+            "--poll",
+            "0.2",
+        ],
+    )
+    assert followed.exit_code == 0, followed.output
+    assert followed.stdout.strip().splitlines()[-1] == "u/dana/cli-model"
+    detached = runner.invoke(app, [*train, "--name", "later", "--detach"])
+    assert detached.exit_code == 0, detached.output
+    job_id = detached.stdout.strip().splitlines()[-1]
+    with server.client() as http:
+        job = http.get(f"/v1/training-jobs/{job_id}", headers=auth(key)).json()
+        assert job["status"] in ("queued", "running") and job["epochs"] == 3  # fastest
+        listed = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
+        assert listed["u/dana/cli-model"]["output_policy"] == "probabilities:4"
+        http.delete(f"/v1/training-jobs/{job_id}", headers=auth(key))
+    refused = runner.invoke(app, [*train, "--name", "cli-model"])  # name taken
+    assert refused.exit_code == 1 and "model_name_taken" in refused.output
 
 
 def worker_pids(state_dir: Path) -> list[int]:
