@@ -200,7 +200,7 @@ DETECTORS: dict[str, str] = {
 }
 
 
-def detector_class(name: str) -> type[DetectorBase]:
+def detector_class(name: str) -> type:
     """The class registered as ``name``."""
     try:
         target = DETECTORS[name]

@@ -166,8 +166,7 @@ def test_block_holds_for_requests_that_straddle_the_alarm(
         alarming.start()
         assert TripDetector.entered.wait(timeout=30)  # being observed, alarm not yet recorded
         later = [
-            threading.Thread(target=request, args=(f"later{i}", 100 + i))
-            for i in range(concurrent)
+            threading.Thread(target=request, args=(f"later{i}", 100 + i)) for i in range(concurrent)
         ]
         for thread in later:
             thread.start()
