@@ -202,6 +202,8 @@ class DetectionHub:
         for name in names:
             stream.failed.pop(name, None)
             stream.detectors[name], positions[name] = self._restore(client_id, model, name, saved)
+        if to_end:  # the snapshot's entry, even when no query came after it
+            stream.through_entry = max([stream.through_entry, *positions.values()])
         replayed = 0
         after = min(positions.values(), default=stream.through_entry)
         for entry_id, images, labels in self.store.query_log(client_id, model, after=after):

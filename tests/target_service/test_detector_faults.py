@@ -182,3 +182,22 @@ def test_block_holds_for_requests_that_straddle_the_alarm(
         assert view["detectors"]["trip"]["first_alarm_at"] == at
         assert view["blocked_on"] == [MODEL]
         assert send(http, key, 1, seed=999).json()["error"]["code"] == "blocked"
+
+
+def test_unusable_snapshot_is_rebuilt_from_the_whole_query_log(
+    tmp_path: Path, trained_checkpoints: Path
+) -> None:
+    def app() -> TestClient:
+        return make_app(tmp_path, trained_checkpoints, detectors=FLAKY_AND_PRADA, snapshot_every=4)
+
+    with app() as http:
+        client_id, key = create_client(http, "torn-snapshot", 100)
+        for seed in range(3):
+            assert send(http, key, 2, seed=seed).status_code == 200
+    [snapshot] = (tmp_path / "detectors" / client_id).iterdir()
+    snapshot.write_bytes(b"not a snapshot")
+    with app() as http:
+        view = client_view(http, client_id)
+        for detector in ("flaky", "prada"):
+            assert view["detectors"][detector]["status"] == "ok"
+            assert view["detectors"][detector]["queries_seen"] == view["queries_used"] == 6
