@@ -18,8 +18,10 @@ settings. Errors::
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, final, runtime_checkable
 
@@ -34,6 +36,8 @@ __all__ = [
     "StealingDetector",
     "Verdict",
     "check_batch",
+    "check_setting_names",
+    "detector_class",
     "make_detector",
 ]
 
@@ -196,17 +200,36 @@ DETECTORS: dict[str, str] = {
 }
 
 
-def make_detector(name: str, **settings: Any) -> StealingDetector:
-    """The detector registered as ``name``, built with keyword-only ``settings``."""
+def detector_class(name: str) -> type:
+    """The class registered as ``name``."""
     try:
         target = DETECTORS[name]
     except (KeyError, TypeError):
         raise DetectorError(f"detector must be one of {sorted(DETECTORS)}, got {name!r}") from None
     module, _, attribute = target.partition(":")
-    detector_class = getattr(importlib.import_module(module), attribute)
+    return getattr(importlib.import_module(module), attribute)
+
+
+def check_setting_names(name: str, settings: Mapping[str, Any]) -> None:
+    """Refuse a detector name or setting name the detector does not have (its settings are the
+    keyword-only parameters of its constructor), without building it: the service checks its
+    configuration with this before it loads any model; values are checked by the constructor."""
+    parameters = inspect.signature(detector_class(name)).parameters
+    known = sorted(p.name for p in parameters.values() if p.kind is p.KEYWORD_ONLY)
+    unknown = sorted(str(key) for key in settings if key not in known)
+    if unknown:
+        raise DetectorError(
+            f"detector {name!r} has no setting(s) {unknown}; its settings are {known}"
+        )
+
+
+def make_detector(name: str, **settings: Any) -> StealingDetector:
+    """The detector registered as ``name``, built with keyword-only ``settings`` (each
+    constructor validates its values and names the bad one)."""
+    check_setting_names(name, settings)
     try:
-        return detector_class(**settings)
-    except TypeError as exc:  # e.g. a misspelt setting name
+        return detector_class(name)(**settings)
+    except TypeError as exc:  # e.g. a required setting left out
         raise DetectorError(f"bad settings for detector {name!r}: {exc}") from exc
 
 

@@ -54,7 +54,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -97,6 +97,7 @@ class MiReference:
     threshold: float
     statistics: tuple[float, ...]
     settings: dict[str, Any] = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False)  # the file it was loaded from
 
     @property
     def window(self) -> int:
@@ -153,10 +154,11 @@ class MiReference:
         if not path.is_file():
             raise FileNotFoundError(f"MI reference file {path} does not exist")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
+            return replace(
+                cls.from_dict(json.loads(path.read_text(encoding="utf-8"))), source=str(path)
+            )
+        except (json.JSONDecodeError, DetectorError) as exc:
             raise DetectorError(f"{path} is not a valid MI reference: {exc}") from exc
-        return cls.from_dict(data)
 
 
 def calibrate_mi_reference(
@@ -256,9 +258,10 @@ class MiRedundancyDetector(DetectorBase):
         ref = _as_reference(reference)
         for setting, value, expected in (("window", window, ref.window), ("bins", bins, ref.bins)):
             if value is not None and value != expected:
+                where = "" if ref.source is None else f" {ref.source}"
                 raise DetectorError(
-                    f"{setting}={value!r} does not match the reference, which was calibrated "
-                    f"with {setting}={expected}; recalibrate or use {setting}={expected}"
+                    f"{setting}={value!r} does not match the reference{where}, which was "
+                    f"calibrated with {setting}={expected}; recalibrate or use {setting}={expected}"
                 )
         self.reference = ref
         self.window = check_int("window", ref.window, low=2)

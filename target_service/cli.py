@@ -61,8 +61,13 @@ def serve(
     ] = None,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
-    """Serve the hosted models (settings from TARGET_* environment variables)."""
+    """Serve the hosted models (settings from TARGET_* environment variables).
+
+    Bad settings exit with code 2 before any model loads; a detector value or reference that
+    does not fit its detector stops the start-up (uvicorn's exit code 3), naming it."""
     import uvicorn
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from target_service.app import create_app
     from target_service.settings import Settings
@@ -70,7 +75,11 @@ def serve(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = Settings()
+    try:
+        settings = Settings()
+    except (ValidationError, SettingsError) as exc:
+        typer.echo(f"invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from None
     if state_dir is not None:
         settings.state_dir = state_dir
     if checkpoint_dir is not None:

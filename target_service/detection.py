@@ -7,12 +7,25 @@ detector first fires; snapshots (torch files under ``<state_dir>/detectors``) ar
 ``snapshot_every`` queries and at shutdown, only to bound the replay. A ``kill -9`` therefore
 loses no query a detector should have seen and no alarm it raised.
 
-A stream's requests are serialised by a per-(client, model) lock held from the charge to the
-end of ``observe``, so detectors see queries in ledger order.
+A stream's requests are serialised by a per-(client, model) lock held from ``catch_up`` through
+the charge to the end of ``observe``, so detectors see queries in ledger order, and a ``block``
+alarm raised by one request is seen by the next one before it is charged.
+
+Every detector is built once at start-up (``build_detectors``), so a bad setting or reference
+stops the service with a message naming it; each client's detectors are copies of those.
+
+A detector that raises never goes quiet: it is put in error (the admin views show
+``status: "error"`` and the message, the ``detector_errors`` table keeps it across restarts,
+``mlaas_detector_errors`` counts it) and skipped; the other detectors go on. On the client's
+next request (``catch_up``), or when the stream is loaded after a restart, it is rebuilt from
+the last snapshot and the query log, so once it works again it has seen every charged query.
+While a stream has a detector in error its snapshot is not rewritten (the old one stays the
+point to rebuild from).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Iterator
@@ -24,7 +37,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from defenses.base import StealingDetector, make_detector
+from defenses.base import DetectorError, StealingDetector, make_detector
 from target_service.metrics import ServiceMetrics
 from target_service.state import StateStore
 
@@ -46,6 +59,25 @@ class _Stream:
     detectors: dict[str, StealingDetector]
     through_entry: int  # the last ledger entry the detectors have observed
     since_snapshot: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # detector -> error, until rebuilt
+
+
+MAX_ERROR_CHARS = 500  # of a detector's error message kept for the admin views
+
+
+def build_detectors(configs: dict[str, DefenceConfig]) -> dict[str, dict[str, StealingDetector]]:
+    """One fresh detector per hosted model and detector kind, built at start-up: the one place
+    detector values and references are checked against the detectors (names are checked earlier,
+    in ``Settings``). Raises DetectorError naming the model, the detector and the bad value."""
+    built: dict[str, dict[str, StealingDetector]] = {}
+    for model, config in configs.items():
+        built[model] = {}
+        for name, settings in config.detectors.items():
+            try:
+                built[model][name] = make_detector(name, **settings)
+            except (DetectorError, OSError) as exc:
+                raise DetectorError(f"TARGET_DETECTORS[{model!r}][{name!r}]: {exc}") from exc
+    return built
 
 
 class DetectionHub:
@@ -66,7 +98,19 @@ class DetectionHub:
         self._streams: dict[tuple[str, str], _Stream] = {}
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
+        self._prototypes = build_detectors(configs)
         self._alarmed = {(a["client_id"], a["model"], a["detector"]) for a in store.list_alarms()}
+        self._errored = {
+            (e["client_id"], e["model"], e["detector"]) for e in store.list_detector_errors()
+        }
+
+    def add_model(self, model: str, config: DefenceConfig) -> None:
+        """Watch a model hosted after start-up (a client's trained model); raises
+        DetectorError if its detector settings do not build."""
+        prototypes = build_detectors({model: config})
+        with self._guard:
+            self._prototypes.update(prototypes)
+            self.configs[model] = config
 
     def watches(self, model: str) -> bool:
         config = self.configs.get(model)
@@ -86,6 +130,13 @@ class DetectionHub:
         with lock:
             yield
 
+    def catch_up(self, client_id: str, model: str) -> None:
+        """Load the stream and rebuild its detectors in error from the query log (call under
+        ``stream_lock``, before charging, so an alarm they raise on replay blocks this request)."""
+        stream = self._stream(client_id, model)
+        if stream.failed:
+            self._rebuild(client_id, model, stream, list(stream.failed))
+
     def observe(
         self, client_id: str, model: str, images: np.ndarray, labels: list[int], entry_id: int
     ) -> None:
@@ -96,7 +147,7 @@ class DetectionHub:
         self._feed(client_id, model, stream, images, labels)
         stream.through_entry = entry_id
         stream.since_snapshot += len(images)
-        if stream.since_snapshot >= self.snapshot_every:
+        if stream.since_snapshot >= self.snapshot_every and not stream.failed:
             self._snapshot(client_id, model, stream)
 
     def view(self, client_id: str, model: str) -> dict[str, dict[str, Any]]:
@@ -109,14 +160,17 @@ class DetectionHub:
                     "statistic": detector.verdict.statistic,
                     "threshold": detector.verdict.threshold,
                     "queries_seen": detector.queries_seen,
+                    "status": "error" if name in stream.failed else "ok",
+                    "message": stream.failed.get(name),
                 }
                 for name, detector in stream.detectors.items()
             }
 
     def close(self) -> None:
-        """Snapshot every loaded stream, so the next start replays nothing."""
+        """Snapshot every loaded stream, so the next start replays nothing (a stream with a
+        detector in error keeps its last good snapshot, to rebuild that detector from)."""
         for (client_id, model), stream in list(self._streams.items()):
-            if stream.since_snapshot:
+            if stream.since_snapshot and not stream.failed:
                 self._snapshot(client_id, model, stream)
 
     # -- internals -----------------------------------------------------------------------------
@@ -130,23 +184,10 @@ class DetectionHub:
 
     def _load(self, client_id: str, model: str) -> _Stream:
         """Latest snapshot (if any), then replay of the query log after it."""
-        config = self.configs[model]
-        detectors = {
-            name: make_detector(name, **settings) for name, settings in config.detectors.items()
-        }
-        through = 0
-        path = self._snapshot_path(client_id, model)
-        if path.exists():
-            saved = torch.load(path, weights_only=True)
-            for name, detector in detectors.items():
-                detector.load_state_dict(saved["detectors"][name])
-            through = int(saved["through_entry"])
-        stream = _Stream(detectors, through)
-        replayed = 0
-        for entry_id, images, labels in self.store.query_log(client_id, model, after=through):
-            self._feed(client_id, model, stream, images, labels)
-            stream.through_entry = entry_id
-            replayed += len(images)
+        stream = _Stream({}, through_entry=0)
+        replayed = self._rebuild(
+            client_id, model, stream, list(self.configs[model].detectors), to_end=True
+        )
         stream.since_snapshot = replayed
         if replayed:
             logger.info(
@@ -157,13 +198,100 @@ class DetectionHub:
             )
         return stream
 
+    def _rebuild(
+        self, client_id: str, model: str, stream: _Stream, names: list[str], *, to_end: bool = False
+    ) -> int:
+        """Restore the detectors ``names`` from the latest snapshot and replay the query log into
+        them, up to the stream's last observed entry (or, when loading, to the log's end and
+        moving ``through_entry`` there). A detector the snapshot lacks or cannot restore starts
+        afresh from the log's first entry. Returns the queries replayed."""
+        saved = self._read_snapshot(client_id, model)
+        positions: dict[str, int] = {}
+        for name in names:
+            stream.failed.pop(name, None)
+            stream.detectors[name], positions[name] = self._restore(client_id, model, name, saved)
+        if to_end:  # the snapshot's entry, even when no query came after it
+            stream.through_entry = max([stream.through_entry, *positions.values()])
+        replayed = 0
+        after = min(positions.values(), default=stream.through_entry)
+        for entry_id, images, labels in self.store.query_log(client_id, model, after=after):
+            if not to_end and (
+                entry_id > stream.through_entry or all(n in stream.failed for n in names)
+            ):
+                break
+            behind = [n for n in names if positions[n] < entry_id and n not in stream.failed]
+            self._feed(client_id, model, stream, images, labels, behind)
+            replayed += len(images)
+            if to_end:
+                stream.through_entry = entry_id
+        for name in names:
+            if name not in stream.failed and (client_id, model, name) in self._errored:
+                self.store.clear_detector_error(client_id, model=model, detector=name)
+                self._errored.discard((client_id, model, name))
+                logger.info(
+                    "detector %s works again on client %s, model %s: rebuilt from the query log",
+                    name,
+                    client_id,
+                    model,
+                )
+        return replayed
+
+    def _read_snapshot(self, client_id: str, model: str) -> dict[str, Any] | None:
+        """The stream's latest snapshot, or None when there is none or it cannot be read."""
+        path = self._snapshot_path(client_id, model)
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as exc:  # a torn or foreign file: the query log still has everything
+            logger.warning("ignoring unreadable detector snapshot %s: %r", path, exc)
+            return None
+
+    def _restore(
+        self, client_id: str, model: str, name: str, saved: dict[str, Any] | None
+    ) -> tuple[StealingDetector, int]:
+        """A copy of the start-up detector with its state from ``saved``, and the last entry
+        that state has seen; a fresh copy and entry 0 when it has no usable state there."""
+        detector = copy.deepcopy(self._prototypes[model][name])
+        if saved is None:
+            return detector, 0
+        try:
+            detector.load_state_dict(saved["detectors"][name])
+            return detector, int(saved["through_entry"])
+        except Exception as exc:
+            logger.warning(
+                "the snapshot of %s for client %s on %s does not restore (%r): replaying its "
+                "whole query log",
+                name,
+                client_id,
+                model,
+                exc,
+            )
+            return copy.deepcopy(self._prototypes[model][name]), 0
+
     def _feed(
-        self, client_id: str, model: str, stream: _Stream, images: np.ndarray, labels: list[int]
+        self,
+        client_id: str,
+        model: str,
+        stream: _Stream,
+        images: np.ndarray,
+        labels: list[int],
+        names: list[str] | None = None,
     ) -> None:
+        """Feed one logged request to the detectors ``names`` (default: every one not in error)
+        and record new alarms at once; a detector that raises is put in error and skipped."""
         x = torch.from_numpy(np.require(images, requirements=["C", "W"]))  # log rows are read-only
         predicted = torch.as_tensor(labels, dtype=torch.int64)
-        for name, detector in stream.detectors.items():
-            verdict = detector.observe(x, predicted)
+        if names is None:
+            names = [name for name in stream.detectors if name not in stream.failed]
+        for name in names:
+            detector = stream.detectors[name]
+            seen = detector.queries_seen
+            try:
+                verdict = detector.observe(x, predicted)
+            except Exception as exc:
+                self._fail(client_id, model, stream, name, seen + len(images), exc)
+                continue
             if (
                 detector.first_alarm_at is not None
                 and (client_id, model, name) not in self._alarmed
@@ -185,6 +313,33 @@ class DetectionHub:
                     model,
                     detector.first_alarm_at,
                 )
+
+    def _fail(
+        self,
+        client_id: str,
+        model: str,
+        stream: _Stream,
+        name: str,
+        query_index: int,
+        exc: Exception,
+    ) -> None:
+        """Put a detector in error: kept, counted and logged until a rebuild succeeds."""
+        message = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+        stream.failed[name] = message
+        self.store.record_detector_error(
+            client_id, model=model, detector=name, query_index=query_index, message=message
+        )
+        self._errored.add((client_id, model, name))
+        self.metrics.detector_errors.labels(model, name).inc()
+        logger.error(
+            "detector %s failed on client %s, model %s, at query %d (rebuilt from the query log "
+            "on the client's next request)",
+            name,
+            client_id,
+            model,
+            query_index,
+            exc_info=exc,
+        )
 
     def _snapshot_path(self, client_id: str, model: str) -> Path:
         return self.snapshot_dir / client_id / f"{model}.pt"

@@ -20,6 +20,13 @@ class ServiceMetrics:
         self.alarms = Counter(
             "mlaas_alarms", "Detector alarms raised", ["model", "detector"], registry=self.registry
         )
+        self.detector_errors = Counter(
+            "mlaas_detector_errors",
+            "Detector failures (the detector is rebuilt from the query log on the client's next "
+            "request)",
+            ["model", "detector"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "mlaas_predict_seconds", "Predict latency", ["model"], registry=self.registry
         )

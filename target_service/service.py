@@ -87,7 +87,7 @@ class TargetService:
                 if job is None:
                     return None
                 hosted = load_user_model(job, self.settings.state_dir)
-                self.detection.configs[name] = hosted.defence
+                self.detection.add_model(name, hosted.defence)
                 self._user_models[name] = hosted
                 logger.info("hosting %s (job %s)", name, job["job_id"])
         return hosted
@@ -102,11 +102,7 @@ class TargetService:
             stored = self.store.replay(client.client_id, request.request_id, fingerprint)
             if stored is not None:
                 return stored
-        if self.detection.is_blocked(client.client_id, name):
-            raise Forbidden(
-                f"this client is blocked on {name}: a model-stealing detector raised an alarm",
-                code="blocked",
-            )
+        self._refuse_if_blocked(client.client_id, name)  # cheap early refusal, re-checked below
         if len(images) > client.remaining:  # cheap early refusal; the charge re-checks atomically
             raise BudgetExhausted(
                 f"a batch of {len(images)} image(s) does not fit the remaining budget of "
@@ -116,6 +112,11 @@ class TargetService:
         answer = hosted.policy.render(logits)
         watched = self.detection.watches(name)
         with self.detection.stream_lock(client.client_id, name):
+            if watched:  # detectors in error are rebuilt first: their alarms count from now
+                self.detection.catch_up(client.client_id, name)
+            # Under the stream lock, after every earlier request of this client was observed:
+            # no request is charged once a blocking alarm is recorded.
+            self._refuse_if_blocked(client.client_id, name)
             charge = self.store.charge(
                 client.client_id,
                 model=name,
@@ -133,11 +134,19 @@ class TargetService:
             self.metrics.latency.labels(name).observe(time.perf_counter() - started)
         return charge.response
 
+    def _refuse_if_blocked(self, client_id: str, name: str) -> None:
+        if self.detection.is_blocked(client_id, name):
+            raise Forbidden(
+                f"this client is blocked on {name}: a model-stealing detector raised an alarm",
+                code="blocked",
+            )
+
     def _observe(
         self, client_id: str, name: str, images: np.ndarray, logits: torch.Tensor, entry_id: int
     ) -> None:
-        """Detectors see the charged request; a detector failure never loses the answer (the
-        query is in the log, so a restart replays it)."""
+        """Detectors see the charged request. The hub records a failing detector itself; this
+        guard is for the machinery around them (the store, snapshots): such a failure never
+        loses the answer, as the query is in the log and a restart replays it."""
         try:
             self.detection.observe(client_id, name, images, logits.argmax(dim=1).tolist(), entry_id)
         except Exception:

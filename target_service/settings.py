@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from defenses.base import DetectorError, check_setting_names
 from defenses.output_policies import parse_policy
 
 DEFAULT_MODELS = ["lenet5-mnist", "c3f2-mnist", "dnn5-mnist"]
@@ -86,6 +87,29 @@ class Settings(BaseSettings):
         for spec in value.values():
             parse_policy(spec)
         return value
+
+    @model_validator(mode="after")
+    def _defences_fit_the_models(self) -> Settings:
+        """Refuse, before any model loads, a detector or alarm policy for a model that is not
+        hosted, an unknown detector and an unknown detector setting (values and references are
+        checked against the detectors themselves at start-up: ``detection.build_detectors``)."""
+        for variable, per_model in (
+            ("TARGET_DETECTORS", self.detectors),
+            ("TARGET_ALARM_POLICIES", self.alarm_policies),
+        ):
+            for model in per_model:
+                if model not in self.models:
+                    raise ValueError(
+                        f"{variable} names model {model!r}, which is not hosted; hosted "
+                        f"(TARGET_MODELS): {self.models}"
+                    )
+        for model, detectors in self.detectors.items():
+            for name, settings in detectors.items():
+                try:
+                    check_setting_names(name, settings)
+                except DetectorError as exc:
+                    raise ValueError(f"TARGET_DETECTORS[{model!r}][{name!r}]: {exc}") from None
+        return self
 
     @property
     def state_path(self) -> Path:

@@ -85,6 +85,15 @@ CREATE TABLE IF NOT EXISTS alarms (
     created_at  REAL NOT NULL,
     PRIMARY KEY (client_id, model, detector)
 );
+CREATE TABLE IF NOT EXISTS detector_errors (
+    client_id   TEXT NOT NULL,
+    model       TEXT NOT NULL,
+    detector    TEXT NOT NULL,
+    query_index INTEGER NOT NULL,
+    message     TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    PRIMARY KEY (client_id, model, detector)
+);
 CREATE TABLE IF NOT EXISTS training_quotas (
     client_id   TEXT PRIMARY KEY REFERENCES clients(client_id),
     quota       INTEGER NOT NULL CHECK (quota >= 0),
@@ -402,6 +411,34 @@ class StateStore:
             query, params = query + " WHERE a.client_id = ?", (client_id,)
         with self._lock:
             rows = self._db.execute(query + " ORDER BY a.created_at", params).fetchall()
+        return [dict(row) for row in rows]
+
+    def record_detector_error(
+        self, client_id: str, *, model: str, detector: str, query_index: int, message: str
+    ) -> None:
+        """Keep a detector's failure on this stream until ``clear_detector_error``: where and
+        when it first failed, and the latest message (a failed rebuild updates only that)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO detector_errors VALUES (?,?,?,?,?,?) ON CONFLICT"
+                " (client_id, model, detector) DO UPDATE SET message = excluded.message",
+                (client_id, model, detector, query_index, message, time.time()),
+            )
+
+    def clear_detector_error(self, client_id: str, *, model: str, detector: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "DELETE FROM detector_errors WHERE client_id = ? AND model = ? AND detector = ?",
+                (client_id, model, detector),
+            )
+
+    def list_detector_errors(self) -> list[dict[str, Any]]:
+        """Every detector currently in error, with its client's name, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT e.*, c.name AS client_name FROM detector_errors e"
+                " JOIN clients c USING (client_id) ORDER BY e.created_at"
+            ).fetchall()
         return [dict(row) for row in rows]
 
     def models_queried(self, client_id: str) -> list[str]:

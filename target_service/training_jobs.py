@@ -14,14 +14,12 @@ updates also name the worker's claim token, so a worker that lost its lease cann
 
 from __future__ import annotations
 
-import inspect
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
-from defenses.base import make_detector
-from defenses.mi_redundancy import MiRedundancyDetector
+from defenses.base import check_setting_names, make_detector
 from defenses.output_policies import parse_policy
 from mlcore.architectures import ARCHITECTURES
 
@@ -119,16 +117,12 @@ class TrainingJobRequest(_Strict):
     @classmethod
     def _detectors(cls, value: dict[str, dict[str, Any]] | None) -> dict | None:
         for name, settings in (value or {}).items():
-            if name != "mi_redundancy":
+            if "reference" in settings:
+                raise ValueError("the MI reference is measured on your data, not given")
+            if name == "mi_redundancy":  # built once its reference is measured, after training
+                check_setting_names(name, settings)
+            else:
                 make_detector(name, **settings)
-                continue
-            # its reference is computed from the uploaded data once the model is trained
-            allowed = set(inspect.signature(MiRedundancyDetector).parameters) - {"reference"}
-            unknown = sorted(set(settings) - allowed)
-            if unknown:
-                raise ValueError(
-                    f"mi_redundancy settings must be among {sorted(allowed)}, got {unknown}"
-                )
         return value
 
     def resolved_recipe(self) -> Recipe:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, status
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -51,6 +53,11 @@ class DetectorView(BaseModel):
     statistic: float | None
     threshold: float
     queries_seen: int
+    status: Literal["ok", "error"] = Field(
+        description="'error': the detector raised and sees no queries until it is rebuilt from "
+        "the query log, on the client's next request or at restart."
+    )
+    message: str | None = Field(description="The detector's error, when status is 'error'.")
 
 
 class TrainingLedgerEntry(BaseModel):
@@ -73,13 +80,19 @@ class ClientDefenceView(ClientView):
 
 
 class AlarmView(BaseModel):
+    """A detector's first alarm on a stream, or (``status: "error"``) a detector in error there:
+    then ``query_index`` is the last query of the batch it first failed on and ``message`` its
+    latest error."""
+
     client_id: str
     client_name: str
     model: str
     detector: str
+    status: Literal["alarm", "error"] = "alarm"
     query_index: int
-    statistic: float | None
-    threshold: float | None
+    statistic: float | None = None
+    threshold: float | None = None
+    message: str | None = None
     created_at: float
 
 
@@ -148,8 +161,11 @@ def get_client(client_id: str, service: ServiceDep, _: AdminDep) -> ClientDefenc
 
 @router.get("/alarms")
 def list_alarms(service: ServiceDep, _: AdminDep) -> list[AlarmView]:
-    """Every detector's first alarm on every client and model, oldest first."""
-    return [AlarmView(**alarm) for alarm in service.store.list_alarms()]
+    """Every detector's first alarm on every client and model, and every detector in error,
+    oldest first."""
+    alarms = [AlarmView(**alarm) for alarm in service.store.list_alarms()]
+    errors = [AlarmView(**error, status="error") for error in service.store.list_detector_errors()]
+    return sorted(alarms + errors, key=lambda view: view.created_at)
 
 
 @router.delete("/clients/{client_id}", responses={404: {"model": ErrorResponse}})
