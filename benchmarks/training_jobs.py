@@ -210,9 +210,7 @@ def markdown(jobs: list[dict], latency: dict[str, dict], args: argparse.Namespac
     for label in ("idle", "training"):
         if label in latency:
             cell = latency[label]
-            lines.append(
-                f"| {label} | {cell['n']} | {cell['p50_ms']:.1f} | {cell['p99_ms']:.1f} |"
-            )
+            lines.append(f"| {label} | {cell['n']} | {cell['p50_ms']:.1f} | {cell['p99_ms']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
