@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from mlcore.wire import ErrorResponse
 from target_service.deps import AdminDep, ServiceDep
@@ -23,7 +23,7 @@ class ClientCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200)
     budget: int = Field(ge=0, le=10**12)
-    training_quota: int = Field(
+    training_quota: StrictInt = Field(
         default=0, ge=0, le=10**15, description="Image-epochs of training; 0 = may not train."
     )
 

@@ -609,3 +609,16 @@ def test_cancel_refunds_and_admin_sees_every_job_and_dataset(http: TestClient) -
     assert http.get(f"/v1/datasets/{dataset}", headers=bearer(key)).status_code == 404
     for path in ("/v1/admin/training-jobs", "/v1/admin/datasets"):
         assert http.get(path, headers=bearer(key)).status_code == 403
+
+
+@pytest.mark.parametrize("quota", [True, "100", -1, 1.5], ids=["bool", "string", "negative", "float"])
+def test_training_quota_takes_only_a_whole_number(http: TestClient, quota: Any) -> None:
+    before = len(http.get("/v1/admin/clients", headers=ADMIN_HEADERS).json())
+    response = http.post(
+        "/v1/admin/clients",
+        json={"name": "strict", "budget": 10, "training_quota": quota},
+        headers=ADMIN_HEADERS,
+    )
+    assert response.status_code == 422, response.text
+    assert "training_quota" in response.json()["error"]["message"]
+    assert len(http.get("/v1/admin/clients", headers=ADMIN_HEADERS).json()) == before
