@@ -80,8 +80,21 @@ class WorkerPool:
                     "--state-dir",
                     str(self.settings.state_dir),
                 ]
-                self.processes.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL))
+                self.processes.append(
+                    subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=self._environment())
+                )
                 logger.info("started training worker pid %d", self.processes[-1].pid)
+
+    def _environment(self) -> dict[str, str]:
+        """The service's environment, with the settings a worker uses as this service has
+        them (they may have been set in code rather than in the environment)."""
+        settings = self.settings
+        return {
+            **os.environ,
+            "TARGET_TRAINING_LEASE_SECONDS": str(settings.training_lease_seconds),
+            "TARGET_TRAINING_POLL_SECONDS": str(settings.training_poll_seconds),
+            "TARGET_TORCH_THREADS": str(settings.torch_threads),
+        }
 
     def stop(self, timeout: float = 30.0) -> None:
         with self._lock:
