@@ -514,12 +514,15 @@ class StateStore:
         return row
 
     def list_datasets(self, client_id: str | None = None) -> list[dict[str, Any]]:
-        query, params = "SELECT * FROM datasets", cast(tuple[str, ...], ())
+        return [_dataset(row) for row in self._owned_rows("datasets", client_id)]
+
+    def _owned_rows(self, table: str, client_id: str | None) -> list[sqlite3.Row]:
+        """Every row of ``table`` (one of this module's), or one client's, oldest first."""
+        query, params = f"SELECT * FROM {table}", cast(tuple[str, ...], ())
         if client_id is not None:
             query, params = query + " WHERE client_id = ?", (client_id,)
         with self._lock:
-            rows = self._db.execute(query + " ORDER BY created_at", params).fetchall()
-        return [_dataset(row) for row in rows]
+            return self._db.execute(query + " ORDER BY created_at", params).fetchall()
 
     def delete_dataset(self, dataset_id: str, client_id: str | None = None) -> dict[str, Any]:
         """Remove the row (the caller removes the file). Jobs already trained keep their model;
@@ -590,12 +593,7 @@ class StateStore:
         return row
 
     def list_jobs(self, client_id: str | None = None) -> list[dict[str, Any]]:
-        query, params = "SELECT * FROM training_jobs", cast(tuple[str, ...], ())
-        if client_id is not None:
-            query, params = query + " WHERE client_id = ?", (client_id,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY created_at", params).fetchall()
-        return [_job(row) for row in rows]
+        return [_job(row) for row in self._owned_rows("training_jobs", client_id)]
 
     def cancel_job(self, job_id: str, client_id: str | None = None) -> dict[str, Any]:
         """Cancel a queued or running job and refund the epochs it did not run; a running
