@@ -57,8 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         service = TargetService(settings, store, models, metrics, detection)
         app.state.service = service
-        if store.unfinished_jobs():  # queued before a restart, or running when it was killed
-            service.workers.ensure_started()
+        service.workers.supervise(store)  # also resumes jobs left by a restart or a dead worker
         logger.info("serving %s with state in %s", sorted(models), settings.state_path)
         try:
             yield

@@ -13,8 +13,9 @@ the epoch, both conditional on its claim token. So:
 - a worker stopped with SIGTERM puts its job back in the queue at once.
 
 ``WorkerPool`` is the API process's side: it starts ``TARGET_TRAINING_WORKERS`` processes
-(``python -m target_service.cli train-worker``) the first time there is work, and stops them at
-shutdown.
+(``python -m target_service.cli train-worker``) when a job is queued, and a supervisor thread
+starts them again whenever jobs wait and a worker is missing (at start-up after a restart, or
+after a worker died); it stops them at shutdown.
 """
 
 from __future__ import annotations
@@ -67,9 +68,29 @@ class WorkerPool:
         self.settings = settings
         self.processes: list[subprocess.Popen[bytes]] = []
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+
+    def supervise(self, store: StateStore, every: float = 2.0) -> None:
+        """Start a thread that keeps the workers up while jobs are queued or running."""
+
+        def loop() -> None:
+            while True:
+                try:
+                    if store.unfinished_jobs():
+                        self.ensure_started()
+                except Exception:  # the store closing at shutdown, or a failed spawn
+                    logger.exception("training worker supervisor")
+                if self._stopping.wait(every):
+                    return
+
+        self._supervisor = threading.Thread(target=loop, name="training-supervisor", daemon=True)
+        self._supervisor.start()
 
     def ensure_started(self) -> None:
         with self._lock:
+            if self._stopping.is_set():
+                return
             self.processes = [p for p in self.processes if p.poll() is None]
             for _ in range(self.settings.training_workers - len(self.processes)):
                 argv = [
@@ -97,6 +118,9 @@ class WorkerPool:
         }
 
     def stop(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
         with self._lock:
             for process in self.processes:
                 if process.poll() is None:
@@ -153,7 +177,8 @@ class JobRunner:
         self.request = TrainingJobRequest(**job["spec"]["request"])
         self.recipe = self.request.resolved_recipe()
         self.parent = parent
-        self.lost = threading.Event()
+        self.lost = threading.Event()  # the job is no longer this worker's
+        self.finished = threading.Event()  # ends the heartbeat
 
     def run(self) -> None:
         heartbeat = threading.Thread(target=self._heartbeat, daemon=True)
@@ -173,22 +198,23 @@ class JobRunner:
                 self.job_id, self.token, status="failed", error=f"{type(exc).__name__}: {exc}"[:500]
             )
         finally:
-            self.lost.set()  # ends the heartbeat
+            self.finished.set()
             heartbeat.join()
 
     def _heartbeat(self) -> None:
         """Renew the lease; exit the process at once if the service that started it is gone
         (as if killed with it: the job's lease runs out and a new worker resumes it)."""
         interval = self.settings.training_lease_seconds / 3
-        while not self.lost.wait(min(interval, 0.5)):
+        next_renewal = time.monotonic() + interval
+        while not self.finished.wait(min(interval, 0.5)):
             if os.getppid() != self.parent:
                 os._exit(1)
-            if time.time() >= getattr(self, "_next_renewal", 0.0):
-                self._next_renewal = time.time() + interval
+            if time.monotonic() >= next_renewal:
+                next_renewal = time.monotonic() + interval
                 if not self.store.renew_lease(
                     self.job_id, self.token, lease_seconds=self.settings.training_lease_seconds
                 ):
-                    self.lost.set()
+                    self.lost.set()  # cancelled or taken over: the epoch loop stops
 
     def _data(self, dataset_id: str) -> tuple[torch.Tensor, torch.Tensor]:
         try:

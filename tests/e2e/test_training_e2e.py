@@ -241,8 +241,19 @@ def test_kill_9_mid_training_resumes_and_completes_exactly_once(
             name="sturdy",
             detectors=PRADA_ONLY,
         )
+        waiting = submit(  # one worker: this one is still queued at the kill
+            http,
+            key,
+            dataset_id=dataset,
+            recipe={"epochs": 1},
+            name="next",
+            detectors=PRADA_ONLY,
+        )
         job = wait_for(http, key, job_id, lambda j: j["epoch"] >= 2)
         assert job["status"] == "running" and job["epoch"] < epochs, job
+        assert http.get(f"/v1/training-jobs/{waiting}", headers=auth(key)).json()["status"] == (
+            "queued"
+        )
     workers = worker_pids(server.state_dir)
     assert workers, "no training worker process"
     assert server.process is not None and server.process.pid not in workers  # not the API
@@ -265,6 +276,8 @@ def test_kill_9_mid_training_resumes_and_completes_exactly_once(
         assert job["image_epochs"] == 1500 * epochs
         answer = predict(http, key, "u/carol/sturdy", x[:20])
         assert answer.status_code == 200, answer.text
+        queued_job = wait_for(http, key, waiting, lambda j: j["status"] == "succeeded")
+        assert queued_job["status"] == "succeeded" and queued_job["attempts"] == 1
     with sqlite3.connect(server.state_path) as db:
         log = db.execute(
             "SELECT epoch, attempt FROM training_epochs WHERE job_id = ? ORDER BY epoch",
@@ -280,3 +293,28 @@ def test_kill_9_mid_training_resumes_and_completes_exactly_once(
     assert {attempt for epoch, attempt in log if epoch <= killed_at} == {1}
     assert ledger == [(1500 * epochs,)]  # charged once
     assert os.path.exists(server.state_dir / "models" / f"{job_id}.pt")
+
+
+def test_a_dead_worker_is_replaced_and_its_job_resumed(server: LiveServer) -> None:
+    key = create_client(server, "erin", budget=10, quota=100_000)
+    x, y = sample("mnist-embedded:target-train", 800, seed=5)
+    with server.client() as http:
+        dataset = upload(http, key, x, y)
+        job_id = submit(
+            http,
+            key,
+            dataset_id=dataset,
+            recipe={"epochs": 5},
+            name="phoenix",
+            detectors=PRADA_ONLY,
+        )
+        job = wait_for(http, key, job_id, lambda j: j["epoch"] >= 1)
+        assert job["status"] == "running" and job["epoch"] < 5, job
+        workers = worker_pids(server.state_dir)
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        job = wait_for(http, key, job_id, lambda j: j["status"] == "succeeded")
+        assert job["status"] == "succeeded" and job["attempts"] == 2, job
+        assert server.running  # the API process never stopped
+    replacement = worker_pids(server.state_dir)
+    assert len(replacement) == 1 and replacement != workers

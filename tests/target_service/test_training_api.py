@@ -611,7 +611,9 @@ def test_cancel_refunds_and_admin_sees_every_job_and_dataset(http: TestClient) -
         assert http.get(path, headers=bearer(key)).status_code == 403
 
 
-@pytest.mark.parametrize("quota", [True, "100", -1, 1.5], ids=["bool", "string", "negative", "float"])
+@pytest.mark.parametrize(
+    "quota", [True, "100", -1, 1.5], ids=["bool", "string", "negative", "float"]
+)
 def test_training_quota_takes_only_a_whole_number(http: TestClient, quota: Any) -> None:
     before = len(http.get("/v1/admin/clients", headers=ADMIN_HEADERS).json())
     response = http.post(
