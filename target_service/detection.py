@@ -109,6 +109,7 @@ class DetectionHub:
                     "statistic": detector.verdict.statistic,
                     "threshold": detector.verdict.threshold,
                     "queries_seen": detector.queries_seen,
+                    **detector.details(),
                 }
                 for name, detector in stream.detectors.items()
             }

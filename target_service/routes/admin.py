@@ -43,6 +43,8 @@ class DetectorView(BaseModel):
     statistic: float | None
     threshold: float
     queries_seen: int
+    stored: int | None = Field(None, description="PRADA: queries held in its growing sets.")
+    max_stored: int | None = Field(None, description="PRADA: the cap on ``stored``.")
 
 
 class ClientDefenceView(ClientView):
