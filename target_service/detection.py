@@ -3,7 +3,8 @@
 Durability is by event sourcing. Each charged request's images and answered labels go into the
 ``query_log`` in the same transaction as the charge (``StateStore.charge``), so a detector's
 state is always "last snapshot + replay of the log after it". Alarms are written the moment a
-detector first fires; snapshots (torch files under ``<state_dir>/detectors``) are written every
+detector first fires; snapshots (compressed ``.npz`` files under ``<state_dir>/detectors``, see
+``target_service.snapshots``) are written every
 ``snapshot_every`` queries and at shutdown, only to bound the replay. A ``kill -9`` therefore
 loses no query a detector should have seen and no alarm it raised.
 
@@ -26,6 +27,7 @@ import torch
 
 from defenses.base import StealingDetector, make_detector
 from target_service.metrics import ServiceMetrics
+from target_service.snapshots import read_snapshot, write_snapshot
 from target_service.state import StateStore
 
 logger = logging.getLogger(__name__)
@@ -138,7 +140,7 @@ class DetectionHub:
         through = 0
         path = self._snapshot_path(client_id, model)
         if path.exists():
-            saved = torch.load(path, weights_only=True)
+            saved = read_snapshot(path)
             for name, detector in detectors.items():
                 detector.load_state_dict(saved["detectors"][name])
             through = int(saved["through_entry"])
@@ -188,7 +190,7 @@ class DetectionHub:
                 )
 
     def _snapshot_path(self, client_id: str, model: str) -> Path:
-        return self.snapshot_dir / client_id / f"{model}.pt"
+        return self.snapshot_dir / client_id / f"{model}.npz"
 
     def _snapshot(self, client_id: str, model: str, stream: _Stream) -> None:
         path = self._snapshot_path(client_id, model)
@@ -200,6 +202,6 @@ class DetectionHub:
             },
         }
         tmp = path.with_suffix(".tmp")
-        torch.save(payload, tmp)
+        write_snapshot(tmp, payload)
         tmp.replace(path)
         stream.since_snapshot = 0

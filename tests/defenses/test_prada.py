@@ -247,6 +247,29 @@ def test_uint8_images_equal_their_float_version():
         assert as_uint8.class_state(c) == as_float.class_state(c)
 
 
+def test_the_cap_bounds_stored_queries_and_detection_goes_on():
+    """With max_stored=40 a JbDA-like stream is still flagged, the sets never hold more than 40
+    queries (no spare capacity either), every query still gets its distance, and a class first
+    seen after the cap still starts its set, so its queries are tested too."""
+    x, y = jbda_stream(seed=0, steps=25)  # 250 queries; classes 0..9 each start a set early
+    keep = y != 9  # class 9 comes last, after the cap
+    x = torch.cat([x[keep], x[~keep]])
+    y = torch.cat([y[keep], y[~keep]])
+    detector = PradaDetector(max_stored=40)
+    for i in range(0, len(x), 5):
+        detector.observe(x[i : i + 5], y[i : i + 5])
+        stored = detector.details()["stored"]
+        assert stored == sum(detector.growing_set_sizes.values())
+        assert stored <= 40 if i + 5 <= int(keep.sum()) else stored == 41
+        capacity = sum(len(s.rows) for s in detector._classes.values())  # the memory held
+        assert capacity == stored if stored >= 40 else capacity <= 2 * stored + 16 * 10
+    assert detector.details() == {"stored": 41, "max_stored": 40}
+    assert detector.first_alarm_at is not None and detector.verdict.flagged
+    assert sum(len(detector.class_state(c)["dists"]) for c in range(10)) == 250 - 10
+    assert detector.class_state(9)["size"] == 1
+    assert len(detector.class_state(9)["dists"]) == 24
+
+
 # -- when it tests -------------------------------------------------------------------------
 
 
@@ -355,6 +378,12 @@ def test_bad_delta_is_named(delta: object):
     with pytest.raises(DetectorError, match=rf"delta must be .*got {delta!r}"):
         make_detector("prada", delta=delta)
     assert issubclass(DetectorError, ValueError)
+
+
+@pytest.mark.parametrize("max_stored", [0, -1, 1.5, "10", True, None])
+def test_bad_max_stored_is_named(max_stored: object):
+    with pytest.raises(DetectorError, match=rf"max_stored must be .*got {max_stored!r}"):
+        make_detector("prada", max_stored=max_stored)
 
 
 @pytest.mark.parametrize(
