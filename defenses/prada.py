@@ -174,8 +174,8 @@ class PradaDetector(DetectorBase):
             members = [i for i, ci in enumerate(classes) if ci == c]
             if state is None or len(members) < _MATMUL_MIN_QUERIES:
                 continue
-            best = _min_sq_by_matmul(state, rows[members], norms[members])
-            known.update((i, (state.size, b)) for i, b in zip(members, best, strict=True))
+            mins = _min_sq_by_matmul(state, rows[members], norms[members])
+            known.update((i, (state.size, m)) for i, m in zip(members, mins, strict=True))
         for i, c in enumerate(classes):
             state = self._classes.get(c)
             if state is None:

@@ -29,11 +29,14 @@ def write_snapshot(path: Path, tree: dict[str, Any]) -> None:
     arrays: dict[str, np.ndarray] = {}
 
     def encode(value: Any) -> Any:
-        if isinstance(value, torch.Tensor | np.ndarray):
+        if isinstance(value, torch.Tensor):
             name = f"a{len(arrays)}"
-            is_tensor = isinstance(value, torch.Tensor)
-            arrays[name] = value.detach().cpu().numpy() if is_tensor else value
-            return {"__tensor__" if is_tensor else "__ndarray__": name}
+            arrays[name] = value.detach().cpu().numpy()
+            return {"__tensor__": name}
+        if isinstance(value, np.ndarray):
+            name = f"a{len(arrays)}"
+            arrays[name] = value
+            return {"__ndarray__": name}
         if isinstance(value, dict):
             if not all(isinstance(k, str) for k in value):
                 raise TypeError(f"snapshot dict keys must be strings, got {list(value)[:5]}")
