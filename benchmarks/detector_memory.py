@@ -78,6 +78,12 @@ def main(argv: list[str] | None = None) -> None:
         "--warm-up", type=int, default=3000, help="noise images another client sends first"
     )
     parser.add_argument("--sample-every", type=int, default=5000, help="images between samples")
+    parser.add_argument(
+        "--detectors",
+        type=json.loads,
+        default=None,
+        help="TARGET_DETECTORS as JSON, e.g. '{\"lenet5-mnist\": {}}' (default: the service's)",
+    )
     parser.add_argument("--checkpoint-dir", type=Path, default=ROOT / "checkpoints")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "detector_memory.json")
     args = parser.parse_args(argv)
@@ -93,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint_dir=ensure_checkpoint(args.checkpoint_dir),
         state_dir=workdir / "state",
         log_path=workdir / "service.log",
-        env={"max_batch": args.batch},
+        env={"max_batch": args.batch}
+        if args.detectors is None
+        else {"max_batch": args.batch, "detectors": args.detectors},
     )
     with server:
         _, warm_key = admin_create_client(server, "warm-up", args.warm_up)
@@ -106,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{server.url}/v1/admin/clients/{client_id}", headers=server.admin_headers, timeout=60
         ).json()
     snapshot = server.state_dir / "detectors" / client_id / f"{MODEL}.npz"
-    prada = view["detectors"]["prada"]
+    prada = view["detectors"].get("prada", {"stored": 0, "max_stored": None})
     result = {
         "images": args.images,
         "batch": args.batch,
@@ -119,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         "prada_stored": prada["stored"],
         "prada_max_stored": prada["max_stored"],
         "prada_stored_mb": prada["stored"] * 784 / MB,
-        "snapshot_mb": snapshot.stat().st_size / MB,
+        "snapshot_mb": snapshot.stat().st_size / MB if snapshot.exists() else None,
         "seconds": seconds,
         "cpus": os.cpu_count(),
         "load_average_1min": os.getloadavg()[0],

@@ -77,6 +77,7 @@ _INITIAL_CAPACITY = 16
 _EPS32 = float(torch.finfo(torch.float32).eps)
 _MATMUL_MIN_QUERIES = 4  # from this many queries of one class in a batch, one matrix product
 _CHUNK_ROWS = 256  # rows of G_c converted to float32 at a time for the matrix product
+_PRODUCT_BYTES = 8 << 20  # the largest (queries x rows) float32 product computed at once
 
 
 class _Floats:
@@ -245,17 +246,17 @@ class PradaDetector(DetectorBase):
         }
 
     def state_dict(self) -> dict:
+        """The state, sharing memory with the detector: rows and distances are only ever
+        appended, so the prefixes given out never change (and a snapshot costs no copy)."""
         state = self._base_state()
         state.update(
             classes=list(self._classes),
-            growing_sets=[
-                torch.from_numpy(s.rows[: s.size].copy()) for s in self._classes.values()
-            ],
+            growing_sets=[torch.from_numpy(s.rows[: s.size]) for s in self._classes.values()],
             growing_dists=[
-                torch.from_numpy(s.growing_dists.view().copy()) for s in self._classes.values()
+                torch.from_numpy(s.growing_dists.view()) for s in self._classes.values()
             ],
             thresholds=[s.threshold for s in self._classes.values()],
-            dists=[torch.from_numpy(s.dists.view().copy()) for s in self._classes.values()],
+            dists=[torch.from_numpy(s.dists.view()) for s in self._classes.values()],
             dist_order=list(self._dist_order),
         )
         return state
@@ -331,7 +332,19 @@ def _min_sq_exact(state: _ClassState, row: np.ndarray, norm: int, lo: int) -> in
 
 
 def _min_sq_by_matmul(state: _ClassState, q: np.ndarray, q_norms: np.ndarray) -> list[int]:
-    """Exact min squared distance from each row of ``q`` to all of G_c, by one float32 product.
+    """Exact min squared distance from each row of ``q`` to all of G_c, by float32 products
+    over groups of queries small enough that their (queries x rows) result stays within
+    ``_PRODUCT_BYTES`` (a batch of 1,000 against 20,000 rows would otherwise need 80 MB)."""
+    group = max(1, _PRODUCT_BYTES // (4 * state.size))
+    return [
+        best
+        for lo in range(0, len(q), group)
+        for best in _min_sq_by_product(state, q[lo : lo + group], q_norms[lo : lo + group])
+    ]
+
+
+def _min_sq_by_product(state: _ClassState, q: np.ndarray, q_norms: np.ndarray) -> list[int]:
+    """``_min_sq_by_matmul`` for one group of queries, by one float32 product.
 
     G_c is converted to float32 ``_CHUNK_ROWS`` rows at a time (so the copy stays in cache)
     and multiplied with the queries in torch; ``partial`` = |g|^2 - 2 q.g is the squared

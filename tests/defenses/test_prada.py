@@ -16,6 +16,7 @@ import pytest
 import torch
 from scipy.stats import shapiro
 
+from defenses import prada
 from defenses.base import DetectorError, StealingDetector, Verdict, make_detector
 from defenses.prada import DEFAULT_DELTA, DEFAULT_MAX_STORED, PradaDetector
 from mlcore.datasets import load_dataset
@@ -340,6 +341,28 @@ def test_batches_with_mixed_predictions_equal_query_by_query(size: int):
     assert batched.first_alarm_at == one.first_alarm_at is not None
     for c in range(3):
         assert batched.class_state(c) == one.class_state(c)
+
+
+def test_large_batches_are_searched_in_groups_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """The (queries x rows) product is split into groups of queries to bound its memory; with
+    groups of 1 to 3 queries, two 200-query batches still equal query-by-query observation."""
+    groups: list[int] = []
+    product = prada._min_sq_by_product
+
+    def spy(state, q, q_norms):  # type: ignore[no-untyped-def]
+        groups.append(len(q))
+        return product(state, q, q_norms)
+
+    monkeypatch.setattr(prada, "_min_sq_by_product", spy)
+    monkeypatch.setattr(prada, "_PRODUCT_BYTES", 4 * 3 * 50)  # 3 queries against 50 rows
+    stream, one, singles = query_by_query()
+    grouped = PradaDetector()
+    assert observe_in_batches(grouped, stream, 200) == [singles[199], singles[399]]
+    assert len(groups) > 50 and max(groups) <= 3  # the second batch ran in small groups
+    for c in range(3):
+        assert grouped.class_state(c) == one.class_state(c)
 
 
 @pytest.mark.parametrize("stream", [jbda_stream(4, steps=30), repeats_stream(2, 300)])
