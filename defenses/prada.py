@@ -78,6 +78,7 @@ _EPS32 = float(torch.finfo(torch.float32).eps)
 _MATMUL_MIN_QUERIES = 4  # from this many queries of one class in a batch, one matrix product
 _CHUNK_ROWS = 256  # rows of G_c converted to float32 at a time for the matrix product
 _PRODUCT_BYTES = 8 << 20  # the largest (queries x rows) float32 product computed at once
+MAX_PIXELS = (2**31 - 1) // 255**2  # 33,025: exact squared distances and dots fit in int32
 
 
 class _Floats:
@@ -164,6 +165,10 @@ class PradaDetector(DetectorBase):
     # -- observation -------------------------------------------------------------------------
 
     def _observe(self, x: Tensor, labels: Tensor) -> None:
+        if x[0].numel() > MAX_PIXELS:
+            raise DetectorError(
+                f"PRADA handles images of at most {MAX_PIXELS} values, got {tuple(x.shape[1:])}"
+            )
         rows = quantise(x)  # (n, pixels) uint8
         norms = _sq_norms(rows)
         classes = labels.tolist()
@@ -312,8 +317,8 @@ def _min_sq_kernel(row, norm, rows, norms):  # pragma: no cover - compiled by nu
     """Exact min over ``rows`` of |row - g|^2 = |row|^2 - 2 row.g + |g|^2, in integers.
 
     Pixels are widened to int16 and multiplied as int32 (the pattern the compiler turns into
-    pairwise multiply-add SIMD instructions); a dot product of uint8 rows of up to 33,000
-    pixels fits in int32.
+    pairwise multiply-add SIMD instructions); for uint8 rows of up to ``MAX_PIXELS`` values a
+    dot product fits in int32.
     """
     best = _NO_ROWS
     for j in range(rows.shape[0]):

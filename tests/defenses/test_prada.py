@@ -445,6 +445,13 @@ def test_bad_batches_are_named(x: torch.Tensor, y: torch.Tensor, message: str):
     assert detector.queries_seen == 0
 
 
+def test_images_too_large_for_exact_integer_distances_are_refused():
+    detector = PradaDetector()
+    with pytest.raises(DetectorError, match=r"at most 33025 values, got \(1, 182, 182\)"):
+        detector.observe(torch.zeros(1, 1, 182, 182, dtype=torch.uint8), GOOD_Y[:1])
+    assert detector.queries_seen == 0
+
+
 def test_image_shape_is_pinned_and_states_are_checked():
     detector = PradaDetector()
     detector.observe(GOOD_X, GOOD_Y)
