@@ -73,6 +73,10 @@ class StealingDetector(Protocol):
         """The current verdict (what the last ``observe`` returned)."""
         ...
 
+    def details(self) -> dict[str, int]:
+        """Detector-specific figures for the admin view (PRADA: ``stored``, ``max_stored``)."""
+        ...
+
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
@@ -156,6 +160,10 @@ class DetectorBase(ABC):
         self._verdict = Verdict(bool(flagged), statistic, self._verdict.threshold)
         if flagged and self.first_alarm_at is None:
             self.first_alarm_at = self.queries_seen
+
+    def details(self) -> dict[str, int]:
+        """Detector-specific figures for the admin view; none by default."""
+        return {}
 
     def _base_state(self) -> dict[str, Any]:
         return {

@@ -3,7 +3,8 @@
 Durability is by event sourcing. Each charged request's images and answered labels go into the
 ``query_log`` in the same transaction as the charge (``StateStore.charge``), so a detector's
 state is always "last snapshot + replay of the log after it". Alarms are written the moment a
-detector first fires; snapshots (torch files under ``<state_dir>/detectors``) are written every
+detector first fires; snapshots (compressed ``.npz`` files under ``<state_dir>/detectors``, see
+``target_service.snapshots``) are written every
 ``snapshot_every`` queries and at shutdown, only to bound the replay. A ``kill -9`` therefore
 loses no query a detector should have seen and no alarm it raised.
 
@@ -39,6 +40,7 @@ import torch
 
 from defenses.base import DetectorError, StealingDetector, make_detector
 from target_service.metrics import ServiceMetrics
+from target_service.snapshots import read_snapshot, write_snapshot
 from target_service.state import StateStore
 
 logger = logging.getLogger(__name__)
@@ -162,6 +164,7 @@ class DetectionHub:
                     "queries_seen": detector.queries_seen,
                     "status": "error" if name in stream.failed else "ok",
                     "message": stream.failed.get(name),
+                    **detector.details(),
                 }
                 for name, detector in stream.detectors.items()
             }
@@ -242,7 +245,7 @@ class DetectionHub:
         if not path.exists():
             return None
         try:
-            return torch.load(path, weights_only=True)
+            return read_snapshot(path)
         except Exception as exc:  # a torn or foreign file: the query log still has everything
             logger.warning("ignoring unreadable detector snapshot %s: %r", path, exc)
             return None
@@ -342,7 +345,7 @@ class DetectionHub:
         )
 
     def _snapshot_path(self, client_id: str, model: str) -> Path:
-        return self.snapshot_dir / client_id / f"{model}.pt"
+        return self.snapshot_dir / client_id / f"{model}.npz"
 
     def _snapshot(self, client_id: str, model: str, stream: _Stream) -> None:
         path = self._snapshot_path(client_id, model)
@@ -354,6 +357,6 @@ class DetectionHub:
             },
         }
         tmp = path.with_suffix(".tmp")
-        torch.save(payload, tmp)
+        write_snapshot(tmp, payload)
         tmp.replace(path)
         stream.since_snapshot = 0

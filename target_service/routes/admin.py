@@ -58,6 +58,8 @@ class DetectorView(BaseModel):
         "the query log, on the client's next request or at restart."
     )
     message: str | None = Field(description="The detector's error, when status is 'error'.")
+    stored: int | None = Field(None, description="PRADA: queries held in its growing sets.")
+    max_stored: int | None = Field(None, description="PRADA: the cap on ``stored``.")
 
 
 class TrainingLedgerEntry(BaseModel):

@@ -16,8 +16,9 @@ import pytest
 import torch
 from scipy.stats import shapiro
 
+from defenses import prada
 from defenses.base import DetectorError, StealingDetector, Verdict, make_detector
-from defenses.prada import DEFAULT_DELTA, PradaDetector
+from defenses.prada import DEFAULT_DELTA, DEFAULT_MAX_STORED, PradaDetector
 from mlcore.datasets import load_dataset
 
 Stream = tuple[torch.Tensor, torch.Tensor]  # images (n, 1, 28, 28), predicted labels (n,)
@@ -99,28 +100,29 @@ def test_natural_streams_pass_and_synthetic_steps_are_flagged(case: StreamCase, 
 # -- the growing-set rules, by hand ------------------------------------------------------------
 
 
-def pixels(*values: float) -> torch.Tensor:
-    """One-pixel images (n, 1, 1, 1): their L2 distance is |a - b|. Dyadic values are exact."""
-    return torch.tensor(values, dtype=torch.float32).reshape(-1, 1, 1, 1)
+def pixels(*values: int) -> torch.Tensor:
+    """One-pixel uint8 images (n, 1, 1, 1): their L2 distance is |a - b| / 255."""
+    return torch.tensor(values, dtype=torch.uint8).reshape(-1, 1, 1, 1)
 
 
 def test_growing_set_distances_and_threshold_on_a_hand_computed_stream():
     detector = PradaDetector()
     labels = torch.tensor([0, 0, 0, 0, 0, 1, 0])
-    detector.observe(pixels(0.0, 0.5, 0.5, 0.75, 0.78125, 0.25, 0.125), labels)
+    detector.observe(pixels(0, 128, 128, 192, 200, 64, 32), labels)
 
-    # 0.0:     class 0 is new: G = [0.0], T = 0, D_G = [0], D = []
-    # 0.5:     d = 0.5 > T = 0: joins G; D_G = [0, .5]; T = max(0, .25 - .25) = 0
-    # 0.5:     d = 0 (a repeat), not > T: stays out of G
-    # 0.75:    d = 0.25 > 0: joins; D_G = [0, .5, .25]: T = .25 - std = .25 - .2041 = .0459
-    # 0.78125: d = 0.03125 < T: stays out
-    # 0.25:    class 1 is new, nothing is added to D
-    # 0.125:   d = 0.125 > T: joins; D_G = [0, .5, .25, .125]: mean - std = .0339 < T, T stays
-    growing = [0.0, 0.5, 0.25, 0.125]
-    threshold = 0.25 - math.sqrt((0.25**2 + 0.25**2 + 0.0) / 3)  # population std (ddof=0)
+    # (values and distances in units of 1/255)
+    # 0:   class 0 is new: G = [0], T = 0, D_G = [0], D = []
+    # 128: d = 128 > T = 0: joins G; D_G = [0, 128]; T = max(0, 64 - 64) = 0
+    # 128: d = 0 (a repeat), not > T: stays out of G
+    # 192: d = 64 > 0: joins; D_G = [0, 128, 64]: T = 64 - std = 64 - 52.26 = 11.74
+    # 200: d = 8 < T: stays out
+    # 64:  class 1 is new, nothing is added to D
+    # 32:  d = 32 > T: joins; D_G = [0, 128, 64, 32]: mean - std = 8.67 < T, T stays
+    growing = [0.0, 128 / 255, 64 / 255, 32 / 255]
+    threshold = (64 - math.sqrt((64**2 + 64**2 + 0.0) / 3)) / 255  # population std (ddof=0)
     assert detector.class_state(0) == {
-        "dists": [0.5, 0.0, 0.25, 0.03125, 0.125],
-        "growing_dists": growing,
+        "dists": pytest.approx([128 / 255, 0.0, 64 / 255, 8 / 255, 32 / 255], abs=1e-15),
+        "growing_dists": pytest.approx(growing, abs=1e-15),
         "threshold": pytest.approx(threshold, abs=1e-15),
         "size": 4,
     }
@@ -131,39 +133,108 @@ def test_growing_set_distances_and_threshold_on_a_hand_computed_stream():
         "threshold": 0.0,
         "size": 1,
     }
-    # the sample std (ddof=1) of [0, .5, .25] is .25 and would have left T at 0
-    assert 0.25 - np.std([0.0, 0.5, 0.25], ddof=1) == 0.0
+    # the sample std (ddof=1) of [0, 128, 64] is 64 and would have left T at 0
+    assert 64 - np.std([0.0, 128, 64], ddof=1) == 0.0
     assert detector.queries_seen == 7
     assert detector.verdict == Verdict(flagged=False, statistic=None, threshold=DEFAULT_DELTA)
 
 
-def test_min_distances_are_exact_l2_to_the_growing_set():
-    """Against the authors' plain loop over stored queries (float pixels), on classes whose
-    growing sets pass the size where the matrix-product search and its exact refinement run."""
-    x, y = repeats_stream(seed=3, n=400)
+def test_float_inputs_are_quantised_to_the_uint8_grid():
+    """0.5 is stored as round(127.5) = 128: the distance to an all-0 image is 128 / 255, and a
+    float image equal to k / 255 gives exactly the state of its uint8 twin."""
     detector = PradaDetector()
-    observe_in_batches(detector, (x, y), 50)
-    flat = (x.float() / 255).reshape(len(x), -1).double()
+    detector.observe(torch.tensor([0.0, 0.5, 0.502]).reshape(-1, 1, 1, 1), torch.zeros(3).long())
+    assert detector.class_state(0)["dists"] == [128 / 255, 0.0]
+    x, y = repeats_stream(seed=4, n=200)
+    as_uint8, as_float = PradaDetector(), PradaDetector()
+    observe_in_batches(as_uint8, (x, y), 20)
+    observe_in_batches(as_float, (x.float() / 255, y), 20)
     for c in range(3):
-        stored: list[torch.Tensor] = []
-        dists: list[float] = []
-        growing: list[float] = [0.0]
-        threshold = 0.0
-        for v in flat[y == c]:
-            if not stored:
-                stored.append(v)
-                continue
-            d = min(math.sqrt(float(((g - v) ** 2).sum())) for g in stored)
-            dists.append(d)
-            if d > threshold:
-                stored.append(v)
-                growing.append(d)
-                threshold = max(threshold, float(np.mean(growing) - np.std(growing)))
+        assert as_float.class_state(c) == as_uint8.class_state(c)
+
+
+class ReferencePrada:
+    """The authors' rules written plainly (a Python loop over float64 images k / 255 per
+    stored query), with the ``max_stored`` cap: a query joins G_c only while fewer than
+    ``max_stored`` queries are stored; a new class's first query always starts its G_c."""
+
+    def __init__(self, max_stored: int) -> None:
+        self.max_stored = max_stored
+        self.stored: dict[int, list[np.ndarray]] = {}
+        self.growing: dict[int, list[float]] = {}
+        self.threshold: dict[int, float] = {}
+        self.dists: dict[int, list[float]] = {}  # in order of each class's first distance
+        self.seen = 0
+        self.verdict: tuple[bool, float | None] = (False, None)
+
+    def observe(self, image: np.ndarray, c: int) -> tuple[bool, float | None]:
+        v = image.reshape(-1).astype(np.float64) / 255
+        if c not in self.stored:
+            self.stored[c], self.growing[c], self.threshold[c] = [v], [0.0], 0.0
+        else:
+            d = min(math.sqrt(float(((g - v) ** 2).sum())) for g in self.stored[c])
+            self.dists.setdefault(c, []).append(d)
+            total = sum(len(rows) for rows in self.stored.values())
+            if d > self.threshold[c] and total < self.max_stored:
+                self.stored[c].append(v)
+                self.growing[c].append(d)
+                gd = self.growing[c]
+                self.threshold[c] = max(self.threshold[c], float(np.mean(gd) - np.std(gd)))
+        self.seen += 1
+        if self.seen % 10 == 0:
+            pooled = [d for ds in self.dists.values() if len(ds) >= 10 for d in ds]
+            if pooled:
+                data = np.asarray(pooled)
+                kept = data[np.abs(data - data.mean()) < 3 * data.std()]
+                if len(kept) > 100:
+                    w = float(shapiro(kept).statistic)
+                    self.verdict = (w < DEFAULT_DELTA, w)
+        return self.verdict
+
+
+def mixed_stream() -> Stream:
+    """Natural images with exact repeats, float images off the uint8 grid and JbDA-like steps,
+    five classes, so both the exact loop and the matrix-product search run."""
+    x, y = repeats_stream(seed=3, n=300, classes=5)
+    steps, step_labels = jbda_stream(seed=1, steps=10)
+    floats = (
+        x[:60].float() / 255
+        + torch.rand(60, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 0.01
+    )
+    images = torch.cat([x.float() / 255, steps, floats.clamp(0, 1)])
+    labels = torch.cat([y, step_labels % 5, y[:60]])
+    order = torch.from_numpy(np.random.default_rng(0).permutation(len(images)))
+    return images[order], labels[order]
+
+
+@pytest.mark.parametrize("max_stored", [DEFAULT_MAX_STORED, 150])
+def test_matches_a_reference_implementation_of_the_authors_rules(max_stored: int):
+    """Same distances (to 1e-12), thresholds, set sizes and verdicts after every batch, on a
+    mixed stream fed in batches of 1, 3, 60 and 200 (exact loop and matrix product alike)."""
+    x, y = mixed_stream()
+    quantised = np.rint(x.numpy() * 255).astype(np.uint8)  # how PRADA reads a float image
+    reference = ReferencePrada(max_stored)
+    detector = PradaDetector(max_stored=max_stored)
+    i, sizes = 0, [1, 3, 60, 200] * 10
+    while i < len(x):
+        size = sizes.pop(0)
+        verdict = detector.observe(x[i : i + size], y[i : i + size])
+        for image, c in zip(quantised[i : i + size], y[i : i + size].tolist(), strict=True):
+            expected = reference.observe(image, c)
+        assert verdict.flagged is expected[0]
+        assert verdict.statistic == pytest.approx(expected[1], abs=1e-9)
+        i += size
+    assert reference.seen == detector.queries_seen == 460
+    for c in range(5):
         state = detector.class_state(c)
-        assert state["size"] == len(stored) > 40
-        assert 0.0 in state["dists"]  # exact repeats give exactly 0
-        assert state["dists"] == pytest.approx(dists, abs=1e-12)
-        assert state["threshold"] == pytest.approx(threshold, abs=1e-12)
+        assert state["size"] == len(reference.stored[c])
+        assert state["dists"] == pytest.approx(reference.dists[c], abs=1e-12)
+        assert state["growing_dists"] == pytest.approx(reference.growing[c], abs=1e-12)
+        assert state["threshold"] == pytest.approx(reference.threshold[c], abs=1e-12)
+    assert 0.0 in detector.class_state(0)["dists"]  # exact repeats give exactly 0
+    stored = sum(detector.growing_set_sizes.values())
+    assert detector.details() == {"stored": stored, "max_stored": max_stored}
+    assert stored == min(max_stored, 226)  # 226 queries join without a cap
 
 
 def test_uint8_images_equal_their_float_version():
@@ -175,6 +246,29 @@ def test_uint8_images_equal_their_float_version():
     assert as_uint8.verdict == as_float.verdict
     for c in range(10):
         assert as_uint8.class_state(c) == as_float.class_state(c)
+
+
+def test_the_cap_bounds_stored_queries_and_detection_goes_on():
+    """With max_stored=40 a JbDA-like stream is still flagged, the sets never hold more than 40
+    queries (no spare capacity either), every query still gets its distance, and a class first
+    seen after the cap still starts its set, so its queries are tested too."""
+    x, y = jbda_stream(seed=0, steps=25)  # 250 queries; classes 0..9 each start a set early
+    keep = y != 9  # class 9 comes last, after the cap
+    x = torch.cat([x[keep], x[~keep]])
+    y = torch.cat([y[keep], y[~keep]])
+    detector = PradaDetector(max_stored=40)
+    for i in range(0, len(x), 5):
+        detector.observe(x[i : i + 5], y[i : i + 5])
+        stored = detector.details()["stored"]
+        assert stored == sum(detector.growing_set_sizes.values())
+        assert stored <= 40 if i + 5 <= int(keep.sum()) else stored == 41
+        capacity = sum(len(s.rows) for s in detector._classes.values())  # the memory held
+        assert capacity == stored if stored >= 40 else capacity <= 2 * stored + 16 * 10
+    assert detector.details() == {"stored": 41, "max_stored": 40}
+    assert detector.first_alarm_at is not None and detector.verdict.flagged
+    assert sum(len(detector.class_state(c)["dists"]) for c in range(10)) == 250 - 10
+    assert detector.class_state(9)["size"] == 1
+    assert len(detector.class_state(9)["dists"]) == 24
 
 
 # -- when it tests -------------------------------------------------------------------------
@@ -249,6 +343,28 @@ def test_batches_with_mixed_predictions_equal_query_by_query(size: int):
         assert batched.class_state(c) == one.class_state(c)
 
 
+def test_large_batches_are_searched_in_groups_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """The (queries x rows) product is split into groups of queries to bound its memory; with
+    groups of 1 to 3 queries, two 200-query batches still equal query-by-query observation."""
+    groups: list[int] = []
+    product = prada._min_sq_by_product
+
+    def spy(state, q, q_norms):  # type: ignore[no-untyped-def]
+        groups.append(len(q))
+        return product(state, q, q_norms)
+
+    monkeypatch.setattr(prada, "_min_sq_by_product", spy)
+    monkeypatch.setattr(prada, "_PRODUCT_BYTES", 4 * 3 * 50)  # 3 queries against 50 rows
+    stream, one, singles = query_by_query()
+    grouped = PradaDetector()
+    assert observe_in_batches(grouped, stream, 200) == [singles[199], singles[399]]
+    assert len(groups) > 50 and max(groups) <= 3  # the second batch ran in small groups
+    for c in range(3):
+        assert grouped.class_state(c) == one.class_state(c)
+
+
 @pytest.mark.parametrize("stream", [jbda_stream(4, steps=30), repeats_stream(2, 300)])
 def test_state_round_trips_mid_stream(stream: Stream):
     x, y = stream
@@ -287,6 +403,12 @@ def test_bad_delta_is_named(delta: object):
     assert issubclass(DetectorError, ValueError)
 
 
+@pytest.mark.parametrize("max_stored", [0, -1, 1.5, "10", True, None])
+def test_bad_max_stored_is_named(max_stored: object):
+    with pytest.raises(DetectorError, match=rf"max_stored must be .*got {max_stored!r}"):
+        make_detector("prada", max_stored=max_stored)
+
+
 @pytest.mark.parametrize(
     ("name", "settings", "message"),
     [
@@ -320,6 +442,13 @@ def test_bad_batches_are_named(x: torch.Tensor, y: torch.Tensor, message: str):
     detector = PradaDetector()
     with pytest.raises(DetectorError, match=message):
         detector.observe(x, y)
+    assert detector.queries_seen == 0
+
+
+def test_images_too_large_for_exact_integer_distances_are_refused():
+    detector = PradaDetector()
+    with pytest.raises(DetectorError, match=r"at most 33025 values, got \(1, 182, 182\)"):
+        detector.observe(torch.zeros(1, 1, 182, 182, dtype=torch.uint8), GOOD_Y[:1])
     assert detector.queries_seen == 0
 
 

@@ -135,7 +135,35 @@ def test_detector_state_resumes_from_snapshot_and_log_after_kill_9(
     after = admin(server, f"/v1/admin/clients/{client_id}")["detectors"]
     assert after == before
     assert set(after) == {"prada", "mi_redundancy"}
+    assert after["prada"]["max_stored"] == 20_000 and 0 < after["prada"]["stored"] <= 130
+    assert after["mi_redundancy"]["stored"] is None  # PRADA's figure only
     assert after["mi_redundancy"]["queries_seen"] == 130
+
+
+def test_prada_memory_is_capped_and_shown_in_the_admin_view(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    """max_stored=50: the set stops at 50 queries while every query is still tested; the
+    admin view shows it, also after a kill -9 (compressed snapshot plus log replay)."""
+    server = live_server_factory(
+        detectors={"lenet5-mnist": {"prada": {"max_stored": 50}}}, snapshot_every=100
+    )
+    client_id, key = admin_create_client(server, "many", budget=1000)
+    test = load_dataset("mnist-embedded:pool").images.numpy()
+    answered, refused = send_until_refused(
+        server, key, [test[i : i + 25] for i in range(0, 250, 25)]
+    )
+    assert refused is None and answered == 250
+    prada = admin(server, f"/v1/admin/clients/{client_id}")["detectors"]["prada"]
+    assert prada["queries_seen"] == 250 and prada["statistic"] is not None
+    assert prada["max_stored"] == 50
+    assert 50 <= prada["stored"] <= 50 + 9  # + the first query of a class new after the cap
+    snapshots = list((server.state_dir / "detectors").rglob("*"))
+    assert [p.suffix for p in snapshots if p.is_file()] == [".npz"]
+
+    server.kill(signal.SIGKILL)
+    server.start()
+    assert admin(server, f"/v1/admin/clients/{client_id}")["detectors"]["prada"] == prada
 
 
 def test_cli_jbda_is_blocked_and_a_benign_simulator_is_not(
