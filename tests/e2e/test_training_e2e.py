@@ -18,6 +18,7 @@ import httpx2
 import numpy as np
 import pytest
 
+from attacker.oracle import HttpOracle
 from mlcore.datasets import load_dataset
 from mlcore.wire import encode_tensor
 from target_service.testing import LiveServer
@@ -142,6 +143,9 @@ def test_upload_train_host_private_and_quota(server: LiveServer) -> None:
         hosted_accuracy = float(np.mean(np.array(answer.json()["labels"]) == test_y))
         assert hosted_accuracy == pytest.approx(job["metrics"]["test_accuracy"], abs=1e-6)
         assert hosted_accuracy > 0.6  # about 0.8 after three epochs on 600 digits
+        with HttpOracle(server.url, bob, "u/alice/my-lenet") as oracle:  # the attacker's side
+            bought = oracle.predict_labels(test_x[:10])
+        assert bought.tolist() == answer.json()["labels"][:10]
         hidden = predict(http, bob, "u/alice/secret", test_x[:1])
         assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "unknown_model"
         assert predict(http, alice, "u/alice/secret", test_x[:1]).status_code == 200
@@ -159,7 +163,7 @@ def test_upload_train_host_private_and_quota(server: LiveServer) -> None:
         assert http.get("/v1/training-jobs", headers=auth(bob)).json() == []
         clients = http.get("/v1/admin/clients", headers=server.admin_headers).json()
         bob_view = next(c for c in clients if c["name"] == "bob")
-        assert (bob_view["training_used"], bob_view["queries_used"]) == (0, 200)
+        assert (bob_view["training_used"], bob_view["queries_used"]) == (0, 210)
 
 
 def test_defender_cli_uploads_trains_and_follows(server: LiveServer, tmp_path: Path) -> None:
