@@ -624,3 +624,23 @@ def test_training_quota_takes_only_a_whole_number(http: TestClient, quota: Any) 
     assert response.status_code == 422, response.text
     assert "training_quota" in response.json()["error"]["message"]
     assert len(http.get("/v1/admin/clients", headers=ADMIN_HEADERS).json()) == before
+
+
+def test_a_job_whose_dataset_was_deleted_fails_with_the_reason_and_a_refund(
+    http: TestClient, app_settings: Settings
+) -> None:
+    key = create_client(http, "uma")
+    dataset = upload_digits(http, key, 30)
+    job_id = submit(http, key, dataset_id=dataset, name="orphan", recipe={"epochs": 2}).json()[
+        "job_id"
+    ]
+    assert http.delete(f"/v1/datasets/{dataset}", headers=bearer(key)).status_code == 200
+    run_queued_job(app_settings)
+    job = http.get(f"/v1/training-jobs/{job_id}", headers=bearer(key)).json()
+    assert job["status"] == "failed" and job["model"] is None
+    assert f"dataset {dataset} was deleted" in job["error"]
+    view = account_by_name(http, "uma")
+    assert view["training_used"] == 0
+    assert [e["reason"] for e in view["training_ledger"]] == ["reserved", "failed"]
+    names = [m["name"] for m in http.get("/v1/models", headers=bearer(key)).json()["models"]]
+    assert "u/uma/orphan" not in names
