@@ -30,7 +30,7 @@ from target_service.rate_limit import RateLimiter
 from target_service.settings import Settings
 from target_service.state import Client, StateStore
 from target_service.worker import WorkerPool
-from target_service.zoo import HostedModel, load_user_model
+from target_service.zoo import HostedModel, load_user_model, model_card, user_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +67,16 @@ class TargetService:
             )
         return hosted
 
-    def visible_models(self, client_id: str | None) -> list[HostedModel]:
-        """The operator's models, then every public client model and the caller's own."""
-        user_models = [self._user_model(job["model"]) for job in self.store.hosted_jobs()]
+    def model_cards(self, client_id: str | None) -> list[dict[str, Any]]:
+        """``GET /v1/models``: the operator's models, then every public client model and the
+        caller's own private ones (read from the jobs: listing loads no model)."""
         return [
-            *self.models.values(),
-            *(m for m in user_models if m is not None and m.visible_to(client_id)),
+            *(model_card(hosted) for hosted in self.models.values()),
+            *(
+                user_model_card(job)
+                for job in self.store.hosted_jobs()
+                if job["publish"] == "public" or job["client_id"] == client_id
+            ),
         ]
 
     def _user_model(self, name: str) -> HostedModel | None:

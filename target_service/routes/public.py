@@ -31,18 +31,9 @@ def metrics(service: ServiceDep) -> Response:
 def list_models(service: ServiceDep, client: OptionalClientDep) -> ModelList:
     """The operator's models and every public client model; with an API key, also the
     caller's own private models (another client's private model is never listed)."""
+    cards = service.model_cards(client.client_id if client else None)
     return ModelList(
-        models=[
-            ModelInfo(
-                name=hosted.name,
-                dataset=hosted.dataset,
-                input_shape=list(hosted.input_shape),
-                input_dtypes=["uint8", "float32"],
-                num_classes=hosted.num_classes,
-                output_policy=hosted.policy.name,
-            )
-            for hosted in service.visible_models(client.client_id if client else None)
-        ]
+        models=[ModelInfo(**card, input_dtypes=["uint8", "float32"]) for card in cards]
     )
 
 
