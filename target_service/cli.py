@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -63,6 +64,7 @@ def serve(
 ) -> None:
     """Serve the hosted models (settings from TARGET_* environment variables)."""
     import uvicorn
+    from pydantic import ValidationError
 
     from target_service.app import create_app
     from target_service.settings import Settings
@@ -70,7 +72,12 @@ def serve(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = Settings()
+    os.umask(0o077)  # state, WAL and detector snapshots hold client data: owner-only files
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        console.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from None
     if state_dir is not None:
         settings.state_dir = state_dir
     if checkpoint_dir is not None:

@@ -315,7 +315,7 @@ def test_models_health_and_metrics(main_app: TestClient) -> None:
     ctx = make_ctx(main_app, "metrics")
 
     def answered() -> float:
-        text = main_app.get("/metrics").text
+        text = main_app.get("/metrics", headers=ADMIN_HEADERS).text
         match = re.search(r'^mlaas_queries_total\{model="lenet5-mnist"\} (\S+)$', text, re.M)
         return float(match.group(1)) if match else 0.0
 
