@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic.json_schema import JsonDict
 
 WIRE_DTYPES: dict[str, np.dtype] = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
 
@@ -45,7 +46,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-_NESTED_NUMBERS = {
+_NESTED_NUMBERS: JsonDict = {
     "type": "array",
     "items": {"anyOf": [{"type": "number"}, {"type": "array"}]},
     "description": "Rectangular nested lists of JSON numbers, e.g. [n][C][H][W].",
@@ -188,9 +189,7 @@ def _decode_base64(payload: EncodedTensor, dtype: np.dtype, max_elements: int | 
     try:
         return np.frombuffer(raw, dtype=dtype).reshape(payload.shape)
     except ValueError as exc:  # e.g. a zero-size shape whose other dimensions overflow
-        raise WireError(
-            f"shape {echo(payload.shape)} is not a valid array shape: {exc}"
-        ) from None
+        raise WireError(f"shape {echo(payload.shape)} is not a valid array shape: {exc}") from None
 
 
 def _decode_lists(payload: EncodedTensor, dtype: np.dtype) -> np.ndarray:

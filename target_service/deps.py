@@ -38,7 +38,9 @@ def get_service(request: Request) -> TargetService:
 ServiceDep = Annotated[TargetService, Depends(get_service)]
 
 
-def check_access(service: TargetService, access: Access, authorization: str | None) -> Client | None:
+def check_access(
+    service: TargetService, access: Access, authorization: str | None
+) -> Client | None:
     """Raise Unauthorized / Forbidden unless ``authorization`` grants ``access``; returns the
     client for ``Access.CLIENT``."""
     if access is Access.METRICS:

@@ -46,8 +46,7 @@ BODY_STATUSES = (400, 408, 411, 413, 422)
 def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for these statuses, each with the one error body."""
     return {
-        status: {"model": ErrorResponse, "description": STATUS_CODES[status]}
-        for status in statuses
+        status: {"model": ErrorResponse, "description": STATUS_CODES[status]} for status in statuses
     }
 
 

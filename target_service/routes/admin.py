@@ -103,9 +103,7 @@ def _defence_view(client: Client, service: TargetService) -> ClientDefenceView:
     )
 
 
-@router.post(
-    "/clients", status_code=status.HTTP_201_CREATED, responses=documented(*BODY_STATUSES)
-)
+@router.post("/clients", status_code=status.HTTP_201_CREATED, responses=documented(*BODY_STATUSES))
 def create_client(body: ClientCreate, service: ServiceDep, _: AdminDep) -> ClientCreated:
     client, api_key = service.store.create_client(body.name, body.budget)
     return ClientCreated(

@@ -44,9 +44,7 @@ def list_models(service: ServiceDep) -> ModelList:
     )
 
 
-@router.post(
-    "/v1/models/{name}/predict", response_model=PredictResponse, responses=_PREDICT_ERRORS
-)
+@router.post("/v1/models/{name}/predict", response_model=PredictResponse, responses=_PREDICT_ERRORS)
 def predict(
     name: str, body: PredictRequest, client: ClientDep, service: ServiceDep, request: Request
 ) -> Any:

@@ -92,7 +92,9 @@ def test_nginx_limits_slow_clients_and_the_body_size_like_the_service(
 
 
 def test_the_attack_account_pays_for_both_methods_and_the_transfer_step() -> None:
-    spec = importlib.util.spec_from_file_location("compose_attack", ROOT / "scripts/compose_attack.py")
+    spec = importlib.util.spec_from_file_location(
+        "compose_attack", ROOT / "scripts/compose_attack.py"
+    )
     assert spec and spec.loader
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

@@ -440,8 +440,16 @@ def test_admin_create_list_revoke(main_app: TestClient) -> None:
         ({"name": "bell\x07", "budget": 1}, "printable"),
     ],
     ids=[
-        "negative-budget", "empty-name", "extra-field", "budget-true", "budget-string",
-        "budget-float", "budget-null", "name-number", "name-201-chars", "name-newline",
+        "negative-budget",
+        "empty-name",
+        "extra-field",
+        "budget-true",
+        "budget-string",
+        "budget-float",
+        "budget-null",
+        "name-number",
+        "name-201-chars",
+        "name-newline",
         "name-control-char",
     ],
 )
@@ -499,7 +507,9 @@ def test_stored_answer_is_replayed_after_an_output_policy_change(
     assert first.status_code == 200 and "top_k" not in first.json()
     with make_app(tmp_path, trained_checkpoints, output_policies={MODEL: "top-k:3"}) as http:
         again = http.post(f"/v1/models/{MODEL}/predict", json=body, headers=bearer(key))
-        fresh = http.post(f"/v1/models/{MODEL}/predict", json=payload(images(1)), headers=bearer(key))
+        fresh = http.post(
+            f"/v1/models/{MODEL}/predict", json=payload(images(1)), headers=bearer(key)
+        )
         used = usage(http)[client_id]
     assert again.status_code == 200, again.text
     assert again.json() == first.json()  # the answer that was sold, as it was sold
