@@ -113,6 +113,7 @@ _PARSE_ERRORS: list[tuple[type[BaseException], str, str]] = [
     (RecursionError, "too_deeply_nested", "the JSON body is nested too deeply"),
     (UnicodeDecodeError, "undecodable_body", "the request body is not UTF-8 text"),
 ]
+_STATUSES = {status.value for status in HTTPStatus}
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -150,15 +151,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         if getattr(request.state, "charging", False):
             message = (
                 "internal error after the charge step began, so this request may have been "
-                "charged; retry with the same request_id to get its stored answer without "
-                "paying twice"
+                "charged (queries_remaining tells); a retry with the same request_id returns "
+                "its stored answer without a second charge"
             )
         else:
             message = "internal error; nothing was charged"
         return refusal(request.app, 500, "internal_error", message)
-
-
-_STATUSES = {status.value for status in HTTPStatus}
 
 
 class AuthGate:
