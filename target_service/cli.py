@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -75,6 +76,7 @@ def serve(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    os.umask(0o077)  # state, WAL and detector snapshots hold client data: owner-only files
     try:
         settings = Settings()
     except (ValidationError, SettingsError) as exc:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlcore.wire import PredictRequest, TensorTooLarge, WireError, decode_tensor
+from mlcore.wire import PredictRequest, TensorTooLarge, WireError, decode_tensor, echo
 from target_service.detection import DetectionHub
 from target_service.errors import (
     BudgetExhausted,
@@ -53,7 +53,7 @@ class TargetService:
             return self.models[name]
         except KeyError:
             raise NotFound(
-                f"no model named {name!r}; hosted: {sorted(self.models)}", code="unknown_model"
+                f"no model named {echo(name)}; hosted: {sorted(self.models)}", code="unknown_model"
             ) from None
 
     def predict(self, client: Client, name: str, request: PredictRequest) -> dict[str, Any]:

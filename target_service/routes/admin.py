@@ -5,22 +5,29 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mlcore.wire import ErrorResponse
 from target_service.deps import AdminDep, ServiceDep
+from target_service.errors import BODY_STATUSES, documented
 from target_service.service import TargetService
 from target_service.state import Client
 
-router = APIRouter(
-    prefix="/v1/admin", responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}}
-)
+router = APIRouter(prefix="/v1/admin", responses=documented(401, 403))
 
 
 class ClientCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=200)
+    """Strict: ``"budget": "100"`` or ``true`` is refused, not read as a number."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(min_length=1, max_length=200, description="Printable text.")
     budget: int = Field(ge=0, le=10**12)
+
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, name: str) -> str:
+        if not name.isprintable():
+            raise ValueError("name must be printable text (no control characters or newlines)")
+        return name
 
 
 class ClientCreated(BaseModel):
@@ -111,7 +118,7 @@ def _defence_view(client: Client, service: TargetService) -> ClientDefenceView:
     )
 
 
-@router.post("/clients", status_code=status.HTTP_201_CREATED)
+@router.post("/clients", status_code=status.HTTP_201_CREATED, responses=documented(*BODY_STATUSES))
 def create_client(body: ClientCreate, service: ServiceDep, _: AdminDep) -> ClientCreated:
     client, api_key = service.store.create_client(body.name, body.budget)
     return ClientCreated(
@@ -124,7 +131,7 @@ def list_clients(service: ServiceDep, _: AdminDep) -> list[ClientView]:
     return [_view(client) for client in service.store.list_clients()]
 
 
-@router.get("/clients/{client_id}", responses={404: {"model": ErrorResponse}})
+@router.get("/clients/{client_id}", responses=documented(404, 422))
 def get_client(client_id: str, service: ServiceDep, _: AdminDep) -> ClientDefenceView:
     """Usage and, per detector, its first alarm, current statistic and threshold."""
     return _defence_view(service.store.get_client(client_id), service)
@@ -139,6 +146,6 @@ def list_alarms(service: ServiceDep, _: AdminDep) -> list[AlarmView]:
     return sorted(alarms + errors, key=lambda view: view.created_at)
 
 
-@router.delete("/clients/{client_id}", responses={404: {"model": ErrorResponse}})
+@router.delete("/clients/{client_id}", responses=documented(404, 422))
 def revoke_client(client_id: str, service: ServiceDep, _: AdminDep) -> ClientView:
     return _view(service.store.revoke_client(client_id))
