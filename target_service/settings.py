@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from defenses.base import DetectorError, check_setting_names
 from defenses.output_policies import parse_policy
+from mlcore.wire import echo
 
 MIN_ADMIN_TOKEN_CHARS = 16
 DEFAULT_MODELS = ["lenet5-mnist", "c3f2-mnist", "dnn5-mnist"]
@@ -109,3 +110,20 @@ class Settings(BaseSettings):
     @property
     def state_path(self) -> Path:
         return self.state_dir / "state.sqlite3"
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """One line per invalid setting, naming the variable and the value it was given, except for
+    secrets (pydantic's own message would print the token)."""
+    lines = []
+    for error in exc.errors():
+        field_name = str(error["loc"][0]) if error["loc"] else ""
+        where = ("TARGET_" + ".".join(map(str, error["loc"])).upper()) if field_name else "settings"
+        # a model-level error's input is every setting, the token included
+        hidden = not field_name or field_name in _SECRET_FIELDS
+        shown = "" if hidden else f" (got {echo(error.get('input'))})"
+        lines.append(f"{where}: {error['msg']}{shown}")
+    return "\n".join(lines)
+
+
+_SECRET_FIELDS = {"admin_token"}
