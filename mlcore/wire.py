@@ -1,9 +1,10 @@
 """The HTTP contract: pydantic schemas shared by the target service and the attacker's client.
 
 Images travel as ``{"dtype": "uint8"|"float32", "shape": [n, C, H, W], "data": <base64, C order>}``
-or with ``data`` as nested lists (``shape`` then optional). uint8 values are intensities 0..255;
-float32 values must be finite and in [0, 1]. Response models are the contract: a label-only
-response has no field that could carry scores, and unknown fields are forbidden.
+or with ``data`` as nested lists of JSON numbers (``shape`` then optional). uint8 values are
+intensities 0..255; float32 values must be finite and in [0, 1]. Types are strict: ``"100"`` is
+not a number and ``true`` is not 1. Response models are the contract: a label-only response has
+no field that could carry scores, and unknown fields are forbidden.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic.json_schema import JsonDict
 
 WIRE_DTYPES: dict[str, np.dtype] = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
 
@@ -27,19 +29,60 @@ class TensorTooLarge(WireError):
     """The tensor declares more values than the receiver accepts."""
 
 
+ECHO_CHARS = 100
+MAX_DIMENSION = 2**64  # bounds a shape's product (8 dims) so its size prints and compares fast
+
+
+def echo(value: object, *, limit: int = ECHO_CHARS) -> str:
+    """How an error message quotes something a client sent: its repr (a list as written),
+    cut to ``limit`` characters, so a huge name or shape cannot flood an error body or a log."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}… ({len(text)} characters)"
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields are errors and nothing is coerced (no ``"100"`` -> 100, no ``true`` -> 1)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+_NESTED_NUMBERS: JsonDict = {
+    "type": "array",
+    "items": {"anyOf": [{"type": "number"}, {"type": "array"}]},
+    "description": "Rectangular nested lists of JSON numbers, e.g. [n][C][H][W].",
+}
 
 
 class EncodedTensor(_Strict):
+    """``data`` is base64 (then ``shape`` is required) or nested lists of numbers."""
+
+    model_config = ConfigDict(
+        # JSON Schema has no other way to say "shape is required when data is a string"
+        json_schema_extra={
+            "if": {"properties": {"data": {"type": "string"}}, "required": ["data"]},
+            "then": {"required": ["shape"]},
+        }
+    )
+
     dtype: Literal["uint8", "float32"]
-    shape: list[int] | None = Field(default=None, max_length=8)
-    data: str | list[Any]
+    shape: list[Annotated[StrictInt, Field(le=MAX_DIMENSION)]] | None = Field(
+        default=None, max_length=8, description="Required when data is base64."
+    )
+    data: StrictStr | list[Any] = Field(
+        description="Base64 of the C-order bytes (little endian), or nested lists of numbers.",
+        json_schema_extra={"anyOf": [{"type": "string"}, _NESTED_NUMBERS]},
+    )
+
+    @model_validator(mode="after")
+    def _base64_needs_shape(self) -> EncodedTensor:
+        if isinstance(self.data, str) and self.shape is None:
+            raise ValueError("shape is required when data is base64")
+        return self
 
 
 class PredictRequest(_Strict):
     inputs: EncodedTensor
-    request_id: str | None = Field(default=None, min_length=1, max_length=128)
+    request_id: StrictStr | None = Field(default=None, min_length=1, max_length=128)
 
 
 class _Usage(_Strict):
@@ -128,11 +171,11 @@ def _decode_base64(payload: EncodedTensor, dtype: np.dtype, max_elements: int | 
     if payload.shape is None:
         raise WireError("shape is required when data is base64")
     if any(dim < 0 for dim in payload.shape):
-        raise WireError(f"shape must not have negative dimensions, got {payload.shape}")
+        raise WireError(f"shape must not have negative dimensions, got {echo(payload.shape)}")
     expected = math.prod(payload.shape)  # Python ints: a huge shape cannot overflow
     if max_elements is not None and expected > max_elements:
         raise TensorTooLarge(
-            f"shape {payload.shape} has {expected} values, more than {max_elements}"
+            f"shape {echo(payload.shape)} has {expected} values, more than {max_elements}"
         )
     try:
         raw = base64.b64decode(payload.data, validate=True)
@@ -140,23 +183,29 @@ def _decode_base64(payload: EncodedTensor, dtype: np.dtype, max_elements: int | 
         raise WireError(f"data is not valid base64: {exc}") from None
     if len(raw) != expected * dtype.itemsize:
         raise WireError(
-            f"data has {len(raw)} bytes but shape {payload.shape} of {payload.dtype} "
+            f"data has {len(raw)} bytes but shape {echo(payload.shape)} of {payload.dtype} "
             f"needs {expected * dtype.itemsize}"
         )
     try:
         return np.frombuffer(raw, dtype=dtype).reshape(payload.shape)
     except ValueError as exc:  # e.g. a zero-size shape whose other dimensions overflow
-        raise WireError(f"shape {payload.shape} is not a valid array shape: {exc}") from None
+        raise WireError(f"shape {echo(payload.shape)} is not a valid array shape: {exc}") from None
 
 
 def _decode_lists(payload: EncodedTensor, dtype: np.dtype) -> np.ndarray:
+    # numpy would turn "255" into 255.0 and true into 1.0: check every cell is an int or float
     try:
-        values = np.asarray(payload.data, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise WireError("data lists must be rectangular and hold only numbers") from None
+        cells = np.asarray(payload.data, dtype=object)
+        if not {type(cell) for cell in cells.flat} <= {int, float}:
+            raise TypeError("not a number")
+        values = cells.astype(np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise WireError(
+            "data lists must be rectangular and hold only numbers (no strings or booleans)"
+        ) from None
     if payload.shape is not None and list(values.shape) != payload.shape:
         raise WireError(
-            f"data lists have shape {list(values.shape)} but shape says {payload.shape}"
+            f"data lists have shape {list(values.shape)} but shape says {echo(payload.shape)}"
         )
     if dtype == np.uint8:
         if not np.isfinite(values).all():

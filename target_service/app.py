@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mlcore.wire import echo
+from target_service.deps import Access, check_access, route_access
 from target_service.detection import DetectionHub
-from target_service.errors import ServiceError
+from target_service.errors import (
+    BadRequest,
+    BodyTimeout,
+    LengthRequired,
+    ServiceError,
+    body_too_large,
+    documented,
+)
 from target_service.metrics import ServiceMetrics
 from target_service.routes import admin, datasets, public, training
 from target_service.service import TargetService
@@ -71,13 +84,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         description="Label-only image classifiers behind API keys and query budgets.",
         lifespan=lifespan,
+        responses=documented(405, 500),
     )
     app.include_router(public.router)
     app.include_router(admin.router)
     app.include_router(datasets.router)
     app.include_router(training.router)
+    # the last added runs first: the key is checked, then the body is read
     app.add_middleware(
-        RequestBodyGuard, max_bytes=settings.max_body_bytes, streamed=(datasets.router.prefix,)
+        RequestBodyGuard,
+        max_bytes=settings.max_body_bytes,
+        timeout=settings.body_timeout,
+        streamed={datasets.router.prefix: settings.max_dataset_bytes},
+    )
+    app.add_middleware(
+        AuthGate,
+        routes=[
+            *public.router.routes,
+            *admin.router.routes,
+            *datasets.router.routes,
+            *training.router.routes,
+        ],
     )
     _install_error_handlers(app)
     return app
@@ -87,78 +114,193 @@ def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    def refuse(request: Request, status: int, code: str, message: str) -> JSONResponse:
-        service = getattr(request.app.state, "service", None)
-        if service is not None:
-            service.metrics.refusals.labels(code).inc()
-        return JSONResponse(error_body(code, message), status_code=status)
+def refusal(
+    app: Any, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """The one error response (counted in ``mlaas_refusals`` once the service is up)."""
+    service = getattr(app.state, "service", None) if app is not None else None
+    if service is not None:
+        service.metrics.refusals.labels(code).inc()
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
+
+# A 400 from FastAPI's body parser carries the parser's exception as its cause.
+_PARSE_ERRORS: list[tuple[type[BaseException], str, str]] = [
+    (RecursionError, "too_deeply_nested", "the JSON body is nested too deeply"),
+    (UnicodeDecodeError, "undecodable_body", "the request body is not UTF-8 text"),
+]
+_STATUSES = {status.value for status in HTTPStatus}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return refuse(request, exc.status, exc.code, exc.message)
+        return refusal(request.app, exc.status, exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         if any(error.get("type") == "json_invalid" for error in errors):
-            return refuse(request, 422, "malformed_json", "the request body is not valid JSON")
+            return refusal(request.app, 422, "malformed_json", "the request body is not valid JSON")
         if any(tuple(error.get("loc", ())) == ("body",) for error in errors):
-            return refuse(request, 422, "invalid_input", "the request body must be a JSON object")
+            return refusal(
+                request.app, 422, "invalid_input", "the request body must be a JSON object"
+            )
         parts = []
         for error in errors[:5]:
             where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
-            parts.append(f"{where or 'body'}: {error.get('msg')}")
-        return refuse(request, 422, "invalid_input", "; ".join(parts))
+            parts.append(f"{echo(where) if where else 'body'}: {error.get('msg')}")
+        return refusal(request.app, 422, "invalid_input", "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return refuse(request, exc.status_code, code, str(exc.detail))
+        for cause, code, message in _PARSE_ERRORS:
+            if isinstance(exc.__cause__, cause):
+                return refusal(request.app, exc.status_code, code, message)
+        phrase = HTTPStatus(exc.status_code).phrase if exc.status_code in _STATUSES else "error"
+        code = phrase.lower().replace(" ", "_").replace("-", "_")
+        return refusal(request.app, exc.status_code, code, str(exc.detail), exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
-        return refuse(request, 500, "internal_error", "internal error; nothing was charged")
+        if getattr(request.state, "charging", False):
+            message = (
+                "internal error after the charge step began, so this request may have been "
+                "charged (queries_remaining tells); a retry with the same request_id returns "
+                "its stored answer without a second charge"
+            )
+        else:
+            message = "internal error; nothing was charged"
+        return refusal(request.app, 500, "internal_error", message)
+
+
+class AuthGate:
+    """Check the key a route needs before anything reads the body.
+
+    ``routes`` are the app's routes; what each needs is read from its dependencies
+    (``deps.route_access``), so a request without a valid key is refused with 401/403 having
+    cost a header lookup, not a parse. Paths no protected route matches fall through to the
+    router (public routes, 404, 405).
+    """
+
+    def __init__(self, app: ASGIApp, *, routes: list[BaseRoute]) -> None:
+        self.app = app
+        self.protected = [
+            (route, access)
+            for route in routes
+            if isinstance(route, APIRoute) and (access := route_access(route.dependant))
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})  # shared with every copy of the scope downstream
+            access = self._route_access(scope)
+            if access is not None:
+                app = scope["app"]
+                try:
+                    client = check_access(
+                        app.state.service, access, Headers(scope=scope).get("authorization")
+                    )
+                except ServiceError as exc:
+                    await refusal(app, exc.status, exc.code, exc.message)(scope, receive, send)
+                    return
+                scope["state"]["client"] = client
+        await self.app(scope, receive, send)
+
+    def _route_access(self, scope: Scope) -> Access | None:
+        for route, access in self.protected:
+            if route.matches(scope)[0] is Match.FULL:
+                return access
+        return None
 
 
 class RequestBodyGuard:
-    """Refuse bodies over ``max_bytes`` with 413 before anything parses them, and read a JSON
-    object body as JSON whatever Content-Type came with it (``curl -d`` says form-urlencoded).
+    """Read a request body whole, within limits, before anything parses it: 413 over
+    ``max_bytes``, 408 if it does not arrive within ``timeout`` seconds, 411 without a length or
+    chunked encoding, 400 if compressed. A JSON object body is read as JSON whatever
+    Content-Type came with it (``curl -d`` says form-urlencoded).
 
-    Relaxing the Content-Type is safe here: every route needs an ``Authorization`` header, which
-    a cross-site browser request cannot send without a CORS preflight. Paths under ``streamed``
-    (dataset uploads) pass through unread: their route streams the body to disk, with its own
-    limit.
+    Relaxing the Content-Type is safe here: every route that takes a body needs an
+    ``Authorization`` header, which a cross-site browser request cannot send without a CORS
+    preflight. Paths under a ``streamed`` prefix (dataset uploads) get the header checks with
+    their own size limit and then pass through unread: their route streams the body to disk,
+    enforcing that limit and the same deadline as it goes.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, streamed: tuple[str, ...] = ()) -> None:
-        self.app, self.max_bytes, self.streamed = app, max_bytes, streamed
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        timeout: float,
+        streamed: Mapping[str, int] | None = None,
+    ) -> None:
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+        self.streamed = dict(streamed or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] not in ("POST", "PUT", "PATCH")
-            or scope["path"].startswith(self.streamed)
-        ):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._too_large(scope, send)
+        streamed_limit = next(
+            (limit for prefix, limit in self.streamed.items() if scope["path"].startswith(prefix)),
+            None,
+        )
+        try:
+            self._check_headers(Headers(scope=scope), streamed_limit or self.max_bytes)
+            if streamed_limit is not None:
+                await self.app(scope, receive, send)
+                return
+            async with asyncio.timeout(self.timeout):
+                body = await self._read(receive)
+        except TimeoutError:
+            exc: ServiceError = BodyTimeout(
+                f"the request body did not arrive within {self.timeout:g} s"
+            )
+            headers = {"connection": "close"}  # the rest of the body may still come: hang up
+        except ServiceError as error:
+            exc, headers = error, {"connection": "close"}
+        else:
+            if body is None:  # the client went away
+                return
+            await self._forward(scope, receive, send, body)
             return
+        await refusal(scope.get("app"), exc.status, exc.code, exc.message, headers)(
+            scope, receive, send
+        )
+
+    def _check_headers(self, headers: Headers, max_bytes: int) -> None:
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise BadRequest(
+                f"Content-Encoding {echo(encoding)} is not accepted: send the body uncompressed",
+                code="unsupported_content_encoding",
+            )
+        declared = headers.get("content-length")
+        if declared is None:
+            if "chunked" not in headers.get("transfer-encoding", "").lower():
+                raise LengthRequired(
+                    "a request body needs a Content-Length header (or chunked Transfer-Encoding)"
+                )
+        elif declared.isdigit() and int(declared) > max_bytes:
+            raise body_too_large(max_bytes)
+
+    async def _read(self, receive: Receive) -> bytes | None:
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                await self._too_large(scope, send)
-                return
+                raise body_too_large(self.max_bytes)
             more = message.get("more_body", False)
-        body, replayed = b"".join(chunks), False
+        return b"".join(chunks)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        replayed = False
         if body.lstrip()[:1] == b"{":
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
@@ -171,22 +313,3 @@ class RequestBodyGuard:
             return await receive()
 
         await self.app(scope, replay, send)
-
-    async def _too_large(self, scope: Scope, send: Send) -> None:
-        service = getattr(scope["app"].state, "service", None) if "app" in scope else None
-        if service is not None:
-            service.metrics.refusals.labels("body_too_large").inc()
-        payload = json.dumps(
-            error_body("body_too_large", f"request body over the limit of {self.max_bytes} bytes")
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -70,14 +71,18 @@ def serve(
     from pydantic_settings import SettingsError
 
     from target_service.app import create_app
-    from target_service.settings import Settings
+    from target_service.settings import Settings, describe_settings_error
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    os.umask(0o077)  # state, WAL and detector snapshots hold client data: owner-only files
     try:
         settings = Settings()
-    except (ValidationError, SettingsError) as exc:
+    except ValidationError as exc:
+        typer.echo(f"invalid settings:\n{describe_settings_error(exc)}", err=True)
+        raise typer.Exit(2) from None
+    except SettingsError as exc:  # e.g. a variable that is not valid JSON
         typer.echo(f"invalid settings: {exc}", err=True)
         raise typer.Exit(2) from None
     if state_dir is not None:

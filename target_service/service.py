@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlcore.wire import PredictRequest, TensorTooLarge, WireError, decode_tensor
+from mlcore.wire import PredictRequest, TensorTooLarge, WireError, decode_tensor, echo
 from target_service.datasets import DatasetFiles
 from target_service.detection import DetectionHub
 from target_service.errors import (
@@ -61,7 +61,7 @@ class TargetService:
         hosted = self.models.get(name) or self._user_model(name)
         if hosted is None or not hosted.visible_to(client_id):
             raise NotFound(
-                f"no model named {name[:100]!r}; the operator hosts {sorted(self.models)}, "
+                f"no model named {echo(name)}; the operator hosts {sorted(self.models)}, "
                 "and GET /v1/models lists every model you can use",
                 code="unknown_model",
             )

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from defenses.base import DetectorError, check_setting_names
 from defenses.output_policies import parse_policy
+from mlcore.wire import echo
 
+MIN_ADMIN_TOKEN_CHARS = 16
 DEFAULT_MODELS = ["lenet5-mnist", "c3f2-mnist", "dnn5-mnist"]
 
 
@@ -18,7 +20,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TARGET_", env_file=None, extra="ignore")
 
     admin_token: SecretStr | None = Field(
-        default=None, description="Bearer token of the admin API; without it the admin API is off."
+        default=None,
+        description="Bearer token of the admin API (at least 16 characters); without it the "
+        "admin API is off.",
     )
     state_dir: Path = Field(default=Path("var"), description="SQLite state lives here.")
     checkpoint_dir: Path = Field(default=Path("checkpoints"), description="Target checkpoints.")
@@ -34,6 +38,12 @@ class Settings(BaseSettings):
     )
     max_batch: int = Field(default=1000, ge=1, description="Most images in one predict request.")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    body_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds a client has to send a whole body, else 408."
+    )
+    metrics_public: bool = Field(
+        default=False, description="Serve /metrics without the admin token."
+    )
     rate_limit: float = Field(
         default=0.0, ge=0, description="Requests/s per client; 0 = unlimited."
     )
@@ -81,6 +91,16 @@ class Settings(BaseSettings):
     )
     max_dataset_classes: int = Field(default=1000, ge=2)
 
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_token_is_long(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_ADMIN_TOKEN_CHARS:
+            raise ValueError(
+                f"TARGET_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_CHARS} characters, "
+                f"got {len(value.get_secret_value())}"
+            )
+        return value
+
     @field_validator("output_policies")
     @classmethod
     def _policies_parse(cls, value: dict[str, str]) -> dict[str, str]:
@@ -114,3 +134,20 @@ class Settings(BaseSettings):
     @property
     def state_path(self) -> Path:
         return self.state_dir / "state.sqlite3"
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """One line per invalid setting, naming the variable and the value it was given, except for
+    secrets (pydantic's own message would print the token)."""
+    lines = []
+    for error in exc.errors():
+        field_name = str(error["loc"][0]) if error["loc"] else ""
+        where = ("TARGET_" + ".".join(map(str, error["loc"])).upper()) if field_name else "settings"
+        # a model-level error's input is every setting, the token included
+        hidden = not field_name or field_name in _SECRET_FIELDS
+        shown = "" if hidden else f" (got {echo(error.get('input'))})"
+        lines.append(f"{where}: {error['msg']}{shown}")
+    return "\n".join(lines)
+
+
+_SECRET_FIELDS = {"admin_token"}

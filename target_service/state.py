@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -29,6 +30,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from mlcore.wire import echo
 from target_service.errors import (
     BudgetExhausted,
     Conflict,
@@ -191,6 +193,10 @@ class StateStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # owner-only before SQLite opens it: SQLite creates the -wal and -shm files with the
+        # database file's permissions
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(self.path, 0o600)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -251,7 +257,7 @@ class StateStore:
                 "SELECT * FROM clients WHERE client_id = ?", (client_id,)
             ).fetchone()
         if row is None:
-            raise NotFound(f"no client with id {client_id!r}", code="unknown_client")
+            raise NotFound(f"no client with id {echo(client_id)}", code="unknown_client")
         return _client(row)
 
     def list_clients(self) -> list[Client]:
@@ -265,7 +271,7 @@ class StateStore:
                 "UPDATE clients SET revoked = 1 WHERE client_id = ?", (client_id,)
             )
         if cursor.rowcount == 0:
-            raise NotFound(f"no client with id {client_id!r}", code="unknown_client")
+            raise NotFound(f"no client with id {echo(client_id)}", code="unknown_client")
         return self.get_client(client_id)
 
     # -- charging ----------------------------------------------------------------------------
@@ -280,7 +286,7 @@ class StateStore:
             return None
         if row["fingerprint"] != fingerprint:
             raise Conflict(
-                f"request_id {request_id!r} was already used for a different request",
+                f"request_id {echo(request_id)} was already used for a different request",
                 code="request_id_reused",
             )
         return json.loads(row["response"])
@@ -315,7 +321,7 @@ class StateStore:
                         self._db.execute("ROLLBACK")
                         if stored["fingerprint"] != fingerprint:
                             raise Conflict(
-                                f"request_id {request_id!r} was already used for a different request",
+                                f"request_id {echo(request_id)} was already used for a different request",
                                 code="request_id_reused",
                             )
                         return Charge(json.loads(stored["response"]), replayed=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from defenses.base import check_setting_names, make_detector
 from defenses.output_policies import parse_policy
@@ -44,17 +44,19 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Strict: ``"epochs": "3"`` or ``true`` is refused, not read as a number."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Recipe(_Strict):
     """How a model is trained: Adam with cross-entropy, as the operator's targets are."""
 
-    epochs: StrictInt = Field(ge=1, le=200)
-    batch_size: StrictInt = Field(default=64, ge=1, le=4096)
-    learning_rate: StrictFloat = Field(default=1e-3, gt=0, le=1)
-    seed: StrictInt = Field(default=0, ge=0, le=2**31 - 1)
-    validation_split: StrictFloat = Field(
+    epochs: int = Field(ge=1, le=200)
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    learning_rate: float = Field(default=1e-3, gt=0, le=1)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    validation_split: float = Field(
         default=0.0, ge=0, lt=1, description="Share of the data held out to report accuracy on."
     )
 

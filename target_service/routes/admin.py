@@ -5,27 +5,34 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, status
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mlcore.wire import ErrorResponse
 from target_service.deps import AdminDep, ServiceDep
+from target_service.errors import BODY_STATUSES, documented
 from target_service.routes.datasets import AdminDatasetView, remove_dataset
 from target_service.routes.training import AdminJobView, admin_job_view
 from target_service.service import TargetService
 from target_service.state import Client
 
-router = APIRouter(
-    prefix="/v1/admin", responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}}
-)
+router = APIRouter(prefix="/v1/admin", responses=documented(401, 403))
 
 
 class ClientCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=200)
+    """Strict: ``"budget": "100"`` or ``true`` is refused, not read as a number."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(min_length=1, max_length=200, description="Printable text.")
     budget: int = Field(ge=0, le=10**12)
-    training_quota: StrictInt = Field(
+    training_quota: int = Field(
         default=0, ge=0, le=10**15, description="Image-epochs of training; 0 = may not train."
     )
+
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, name: str) -> str:
+        if not name.isprintable():
+            raise ValueError("name must be printable text (no control characters or newlines)")
+        return name
 
 
 class ClientCreated(BaseModel):
@@ -136,7 +143,7 @@ def _defence_view(client: Client, service: TargetService) -> ClientDefenceView:
     )
 
 
-@router.post("/clients", status_code=status.HTTP_201_CREATED)
+@router.post("/clients", status_code=status.HTTP_201_CREATED, responses=documented(*BODY_STATUSES))
 def create_client(body: ClientCreate, service: ServiceDep, _: AdminDep) -> ClientCreated:
     client, api_key = service.store.create_client(
         body.name, body.budget, training_quota=body.training_quota
@@ -155,7 +162,7 @@ def list_clients(service: ServiceDep, _: AdminDep) -> list[ClientView]:
     return [_view(client, service) for client in service.store.list_clients()]
 
 
-@router.get("/clients/{client_id}", responses={404: {"model": ErrorResponse}})
+@router.get("/clients/{client_id}", responses=documented(404, 422))
 def get_client(client_id: str, service: ServiceDep, _: AdminDep) -> ClientDefenceView:
     """Usage and, per detector, its first alarm, current statistic and threshold."""
     return _defence_view(service.store.get_client(client_id), service)
@@ -170,7 +177,7 @@ def list_alarms(service: ServiceDep, _: AdminDep) -> list[AlarmView]:
     return sorted(alarms + errors, key=lambda view: view.created_at)
 
 
-@router.delete("/clients/{client_id}", responses={404: {"model": ErrorResponse}})
+@router.delete("/clients/{client_id}", responses=documented(404, 422))
 def revoke_client(client_id: str, service: ServiceDep, _: AdminDep) -> ClientView:
     return _view(service.store.revoke_client(client_id), service)
 
@@ -181,7 +188,7 @@ def list_all_jobs(service: ServiceDep, _: AdminDep) -> list[AdminJobView]:
     return [admin_job_view(job) for job in service.store.list_jobs()]
 
 
-@router.delete("/training-jobs/{job_id}", responses={404: {"model": ErrorResponse}})
+@router.delete("/training-jobs/{job_id}", responses=documented(404, 409, 422))
 def cancel_any_job(job_id: str, service: ServiceDep, _: AdminDep) -> AdminJobView:
     return admin_job_view(service.store.cancel_job(job_id))
 
@@ -191,6 +198,6 @@ def list_all_datasets(service: ServiceDep, _: AdminDep) -> list[AdminDatasetView
     return [AdminDatasetView(**row) for row in service.store.list_datasets()]
 
 
-@router.delete("/datasets/{dataset_id}", responses={404: {"model": ErrorResponse}})
+@router.delete("/datasets/{dataset_id}", responses=documented(404, 422))
 def delete_any_dataset(dataset_id: str, service: ServiceDep, _: AdminDep) -> AdminDatasetView:
     return AdminDatasetView(**remove_dataset(service, dataset_id, None))

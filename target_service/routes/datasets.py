@@ -7,6 +7,7 @@ place. A dataset is visible to its owner only; anyone else gets 404.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import uuid
@@ -16,17 +17,15 @@ from fastapi import APIRouter, Query, Request, status
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from mlcore.wire import ErrorResponse
 from target_service.datasets import validate_npz
 from target_service.deps import ClientDep, ServiceDep
-from target_service.errors import PayloadTooLarge
+from target_service.errors import BODY_STATUSES, BodyTimeout, body_too_large, documented
 from target_service.service import TargetService
 
 router = APIRouter(prefix="/v1/datasets", tags=["training"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 404, 413, 422)
-}
+_UPLOAD_ERRORS = documented(*BODY_STATUSES, 401)
+_ERRORS = documented(401, 404, 422)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
@@ -53,7 +52,7 @@ def dataset_view(row: dict[str, Any]) -> DatasetView:
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses=_ERRORS,
+    responses=_UPLOAD_ERRORS,
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -75,21 +74,24 @@ async def upload_dataset(
     """The body is an ``.npz`` with ``images`` (uint8 (N, C, H, W) or (N, H, W), or float32 in
     [0, 1]) and ``labels`` (integers 0..classes-1)."""
     settings = service.settings
-    limit = settings.max_dataset_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
+    limit = settings.max_dataset_bytes  # a declared Content-Length over it: 413 in app.py
     dataset_id = uuid.uuid4().hex[:16]
     temporary = service.dataset_files.temporary(dataset_id)
     try:
         digest, size = hashlib.sha256(), 0
         with temporary.open("wb") as handle:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large(limit)
-                digest.update(chunk)
-                handle.write(chunk)
+            try:
+                async with asyncio.timeout(settings.body_timeout):
+                    async for chunk in request.stream():
+                        size += len(chunk)
+                        if size > limit:
+                            raise body_too_large(limit)
+                        digest.update(chunk)
+                        handle.write(chunk)
+            except TimeoutError:
+                raise BodyTimeout(
+                    f"the request body did not arrive within {settings.body_timeout:g} s"
+                ) from None
         summary = await run_in_threadpool(
             validate_npz,
             temporary,
@@ -118,12 +120,6 @@ async def upload_dataset(
         service.dataset_files.remove(dataset_id)
         raise
     return DatasetView(**{k: v for k, v in row.items() if k != "client_id"})
-
-
-def _too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(
-        f"dataset upload over the limit of {limit} bytes", code="dataset_too_large"
-    )
 
 
 @router.get("")

@@ -15,18 +15,16 @@ from fastapi import APIRouter, status
 from pydantic import BaseModel
 
 from mlcore.architectures import check_input_shape
-from mlcore.wire import ErrorResponse
 from target_service.deps import ClientDep, ServiceDep
-from target_service.errors import InvalidInput
+from target_service.errors import BODY_STATUSES, InvalidInput, documented
 from target_service.service import TargetService
 from target_service.state import Client
 from target_service.training_jobs import TrainingJobRequest, hosted_name, train_size
 
 router = APIRouter(prefix="/v1/training-jobs", tags=["training"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 402, 404, 409, 422)
-}
+_SUBMIT_ERRORS = documented(*BODY_STATUSES, 401, 402, 404, 409)
+_ERRORS = documented(401, 404, 409, 422)
 
 
 class JobQueued(BaseModel):
@@ -92,7 +90,7 @@ def admin_job_view(job: dict[str, Any]) -> AdminJobView:
     )
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=_ERRORS)
+@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=_SUBMIT_ERRORS)
 def submit_job(body: TrainingJobRequest, client: ClientDep, service: ServiceDep) -> JobQueued:
     """Queue a training job; poll ``GET /v1/training-jobs/{job_id}`` for its progress."""
     job = queue_job(service, client, body)

@@ -5,6 +5,7 @@ the hosted model's own predictions, in order."""
 from __future__ import annotations
 
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -367,3 +368,43 @@ def test_rate_limit_refuses_with_429_and_charges_nothing(
         assert "requests/s" in limited.json()["error"]["message"]
         assert predict(http, other_key, images(1, 4)).status_code == 200  # per client
     assert admin_view(server, client_id)["queries_used"] == 6
+
+
+# -- slow clients and file permissions ------------------------------------------------------------
+def test_a_body_that_stalls_gets_408_and_the_connection_is_closed(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    server = live_server_factory(body_timeout=1.0)
+    _, key = admin_create_client(server, "slowloris", budget=10)
+    head = (
+        f"POST {PREDICT} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+    )
+    with socket.create_connection((server.host, server.port), timeout=20) as sock:
+        started = time.monotonic()
+        sock.sendall(head.encode() + b'{"inputs": {"dtype": "uint8", ')  # ...and nothing more
+        received = b""
+        while chunk := sock.recv(65536):  # the server answers, then hangs up
+            received += chunk
+        waited = time.monotonic() - started
+    status_line, _, rest = received.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 408 Request Timeout", received
+    assert b'"code":"body_timeout"' in rest
+    assert 1.0 <= waited < 10.0
+
+
+def test_state_database_and_snapshots_are_owner_only(
+    live_server_factory: Callable[..., LiveServer],
+) -> None:
+    server = live_server_factory(snapshot_every=1)
+    _, key = admin_create_client(server, "private", budget=10)
+    with server.client() as http:
+        assert predict(http, key, images(2, seed=31)).status_code == 200
+    # the WAL and SHM files exist while the server runs (a clean close removes them)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in server.state_dir.glob("state.*")}
+    server.stop()  # writes every detector snapshot
+    snapshots = [path for path in (server.state_dir / "detectors").rglob("*") if path.is_file()]
+    assert snapshots, "no detector snapshot was written"
+    modes.update({str(path): path.stat().st_mode & 0o777 for path in snapshots})
+    assert {"state.sqlite3", "state.sqlite3-wal", "state.sqlite3-shm"} <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o600)

@@ -17,6 +17,7 @@ from mlcore.wire import (
     TensorTooLarge,
     WireError,
     decode_tensor,
+    echo,
     encode_tensor,
 )
 
@@ -100,7 +101,6 @@ class Bad(NamedTuple):
 
 
 BAD = [
-    Bad("base64-without-shape", {"dtype": "uint8", "data": _b64(UINT8)}, WireError, "shape is required"),
     Bad("negative-dimension", {"dtype": "uint8", "shape": [-1, 784], "data": ""}, WireError, r"negative .*\[-1, 784\]"),
     Bad("too-many-values", {"dtype": "uint8", "shape": [10, 1, 28, 28], "data": ""}, TensorTooLarge, r"\[10, 1, 28, 28\] has 7840 values, more than 2352"),
     Bad("shape-overflows-int64", {"dtype": "uint8", "shape": [2**32, 2**32, 1, 1], "data": ""}, TensorTooLarge, "18446744073709551616 values"),
@@ -117,6 +117,10 @@ BAD = [
     Bad("below-zero", _floats(-0.5, 0.5), WireError, r"\[0, 1\], got values in \[-0.5, 0.5\]"),
     Bad("ragged-lists", {"dtype": "uint8", "data": [[1, 2], [3]]}, WireError, "rectangular"),
     Bad("strings-in-lists", {"dtype": "float32", "data": [["a", "b"]]}, WireError, "only numbers"),
+    Bad("numeric-string-in-lists", {"dtype": "uint8", "data": [[0, "255"]]}, WireError, "no strings or booleans"),
+    Bad("boolean-in-lists", {"dtype": "uint8", "data": [[0, True]]}, WireError, "no strings or booleans"),
+    Bad("boolean-in-float-lists", {"dtype": "float32", "data": [[[0.5, False]]]}, WireError, "no strings or booleans"),
+    Bad("null-in-lists", {"dtype": "uint8", "data": [[0, None]]}, WireError, "only numbers"),
     Bad("lists-disagree-with-shape", {"dtype": "uint8", "shape": [1, 2], "data": [[1, 2, 3]]}, WireError, r"\[1, 3\] but shape says \[1, 2\]"),
     Bad("uint8-fraction", {"dtype": "uint8", "data": [[1.5]]}, WireError, "whole numbers in 0..255"),
     Bad("uint8-above-255", {"dtype": "uint8", "data": [[256]]}, WireError, "whole numbers in 0..255"),
@@ -148,6 +152,41 @@ def test_schema_rejects_malformed_tensors(payload: dict[str, Any], field: str) -
     with pytest.raises(ValidationError) as info:
         EncodedTensor.model_validate(payload)
     assert field in {str(error["loc"][0]) for error in info.value.errors()}
+
+
+STRICT = [
+    ({"dtype": "uint8", "shape": ["1", 1, 28, 28], "data": ""}, ("shape", 0)),
+    ({"dtype": "uint8", "shape": [True, 1, 28, 28], "data": ""}, ("shape", 0)),
+    ({"dtype": "uint8", "shape": [1.0, 1, 28, 28], "data": ""}, ("shape", 0)),
+    ({"dtype": "uint8", "shape": "1,1,28,28", "data": ""}, ("shape",)),
+    ({"dtype": "uint8", "shape": [2**64 + 1, 1], "data": ""}, ("shape", 0)),
+    ({"dtype": "uint8", "shape": [1, 1, 28, 28], "data": 7}, ("data",)),
+    ({"dtype": "uint8", "shape": [1, 1, 28, 28], "data": b"\x00"}, ("data",)),
+]
+
+
+@pytest.mark.parametrize(("payload", "loc"), STRICT, ids=lambda v: repr(v)[:40])
+def test_shape_and_data_types_are_strict(payload: dict[str, Any], loc: tuple) -> None:
+    """``"1"``, ``true`` and ``1.0`` are not dimensions; nothing is coerced."""
+    with pytest.raises(ValidationError) as info:
+        EncodedTensor.model_validate(payload)
+    assert loc in {tuple(error["loc"][: len(loc)]) for error in info.value.errors()}
+
+
+def test_base64_without_shape_is_a_schema_error_and_the_schema_says_so() -> None:
+    with pytest.raises(ValidationError, match="shape is required when data is base64"):
+        EncodedTensor.model_validate({"dtype": "uint8", "data": _b64(UINT8)})
+    schema = EncodedTensor.model_json_schema()
+    assert schema["if"]["properties"]["data"] == {"type": "string"}
+    assert schema["then"] == {"required": ["shape"]}
+    # nested lists keep shape optional
+    assert EncodedTensor.model_validate({"dtype": "uint8", "data": [[1]]}).shape is None
+
+
+def test_echo_quotes_at_most_100_characters() -> None:
+    assert echo("abc") == "'abc'"
+    long = echo("x" * 5000)
+    assert len(long) <= 100 + len(" (5002 characters)") and long.endswith("(5002 characters)")
 
 
 @pytest.mark.parametrize("request_id", ["", "x" * 129], ids=["empty", "too-long"])

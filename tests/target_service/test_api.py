@@ -4,9 +4,14 @@ leaves the service answering; plus the happy paths of predict, models and admin.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import gzip
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +236,46 @@ REFUSALS = [
     Refusal("request-id-reused", 409, "request_id_reused", ("job-7",),
             lambda c: c.predict(payload(images(2, seed=2), request_id="job-7")),
             prepare=_reuse_request_id),
+    # item 14: the key is checked before the body is read, so a bad body without a key is a 401
+    Refusal("no-key-malformed-json", 401, "missing_api_key", ("Authorization",),
+            lambda c: c.predict(content=b"{not json", key=None)),
+    Refusal("no-key-body-over-max", 401, "missing_api_key", ("Authorization",),
+            lambda c: c.predict(content=b'{"inputs": "' + b"A" * (MAX_BODY + 1) + b'"}', key=None)),
+    Refusal("bad-key-malformed-json", 401, "unknown_api_key", ("unknown API key",),
+            lambda c: c.predict(content=b"{not json", key="mlr_not-a-real-key")),
+    Refusal("client-key-bad-admin-body", 403, "not_admin", ("admin",),
+            lambda c: c.http.post("/v1/admin/clients", content=b"{not json",
+                                  headers=bearer(c.keys["main"]))),
+    # item 15: strict types, nothing coerced
+    Refusal("shape-of-strings", 422, "invalid_input", ("inputs.shape.0", "integer"),
+            lambda c: c.predict(raw_inputs("uint8", ["1", 1, 28, 28], b64(bytes(784))))),
+    Refusal("shape-of-booleans", 422, "invalid_input", ("inputs.shape.0", "integer"),
+            lambda c: c.predict(raw_inputs("uint8", [True, True, 28, 28], b64(bytes(784))))),
+    Refusal("shape-of-floats", 422, "invalid_input", ("inputs.shape.0", "integer"),
+            lambda c: c.predict(raw_inputs("uint8", [1.0, 1, 28, 28], b64(bytes(784))))),
+    Refusal("uint8-list-holding-a-string", 422, "invalid_input", ("no strings or booleans",),
+            lambda c: c.predict(raw_inputs("uint8", None, [[[[0] * 27 + ["255"]] * 28]]))),
+    Refusal("uint8-list-holding-true", 422, "invalid_input", ("no strings or booleans",),
+            lambda c: c.predict(raw_inputs("uint8", None, [[[[0] * 27 + [True]] * 28]]))),
+    Refusal("base64-data-not-a-string", 422, "invalid_input", ("inputs.data",),
+            lambda c: c.predict(raw_inputs("uint8", [1, 1, 28, 28], 12345))),
+    Refusal("request-id-not-a-string", 422, "invalid_input", ("request_id",),
+            lambda c: c.predict(payload(images(1), request_id=7))),
+    # item 16: the framework's own errors, in the one error shape
+    Refusal("undecodable-body", 400, "undecodable_body", ("UTF-8",),
+            lambda c: c.predict(content=b'{"inputs": "\xff\xfe"}')),
+    Refusal("nested-too-deep", 400, "too_deeply_nested", ("nested too deeply",),
+            lambda c: c.predict(content=b'{"inputs": ' + b"[" * 20000 + b"]" * 20000 + b"}")),
+    Refusal("gzip-body", 400, "unsupported_content_encoding", ("gzip",),
+            lambda c: c.http.post(f"/v1/models/{MODEL}/predict", content=gzip.compress(b"{}"),
+                                  headers={**bearer(c.keys["main"]), "Content-Encoding": "gzip"})),
+    Refusal("wrong-method", 405, "method_not_allowed", ("Method Not Allowed",),
+            lambda c: c.http.get(f"/v1/models/{MODEL}/predict", headers=bearer(c.keys["main"]))),
+    # item 18: what a client sent is quoted, at most 100 characters of it
+    Refusal("long-model-name", 404, "unknown_model", ("(5002 characters)",),
+            lambda c: c.predict(payload(images(1)), model="m" * 5000)),
+    Refusal("long-unknown-field", 422, "invalid_input", ("Extra inputs", "characters)"),
+            lambda c: c.predict(payload(images(1), **{"x" * 5000: 1}))),
     Refusal("rate-limited", 429, "rate_limited", ("requests/s",),
             lambda c: c.predict(payload(images(1))), prepare=_spend("main", RATE_BURST),
             app="limited", good_key="other"),
@@ -315,7 +360,7 @@ def test_models_health_and_metrics(main_app: TestClient) -> None:
     ctx = make_ctx(main_app, "metrics")
 
     def answered() -> float:
-        text = main_app.get("/metrics").text
+        text = main_app.get("/metrics", headers=ADMIN_HEADERS).text
         match = re.search(r'^mlaas_queries_total\{model="lenet5-mnist"\} (\S+)$', text, re.M)
         return float(match.group(1)) if match else 0.0
 
@@ -385,8 +430,28 @@ def test_admin_create_list_revoke(main_app: TestClient) -> None:
         ({"name": "x", "budget": -1}, "budget"),
         ({"name": "", "budget": 1}, "name"),
         ({"name": "x", "budget": 1, "extra": 1}, "extra"),
+        ({"name": "x", "budget": True}, "budget"),
+        ({"name": "x", "budget": "100"}, "budget"),
+        ({"name": "x", "budget": 1.0}, "budget"),
+        ({"name": "x", "budget": None}, "budget"),
+        ({"name": 5, "budget": 1}, "name"),
+        ({"name": "x" * 201, "budget": 1}, "name"),
+        ({"name": "two\nlines", "budget": 1}, "printable"),
+        ({"name": "bell\x07", "budget": 1}, "printable"),
     ],
-    ids=["negative-budget", "empty-name", "extra-field"],
+    ids=[
+        "negative-budget",
+        "empty-name",
+        "extra-field",
+        "budget-true",
+        "budget-string",
+        "budget-float",
+        "budget-null",
+        "name-number",
+        "name-201-chars",
+        "name-newline",
+        "name-control-char",
+    ],
 )
 def test_admin_rejects_bad_client(main_app: TestClient, body: dict, field: str) -> None:
     before = main_app.get("/v1/admin/clients", headers=ADMIN_HEADERS).json()
@@ -419,3 +484,225 @@ def test_error_bodies_parse_as_the_wire_schema(main_app: TestClient) -> None:
     body = main_app.post(f"/v1/models/{MODEL}/predict", json=payload(images(1))).json()
     assert ErrorResponse.model_validate(body).error.code == "missing_api_key"
     assert json.loads(json.dumps(body)) == body
+
+
+def test_admin_accepts_a_200_character_printable_name(main_app: TestClient) -> None:
+    name = "Zoë's team (ünïcode ok) " + "x" * 176
+    assert len(name) == 200
+    response = main_app.post(
+        "/v1/admin/clients", json={"name": name, "budget": 1}, headers=ADMIN_HEADERS
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["name"] == name
+
+
+# -- item 13: stored answers and the 500 message ------------------------------------------------------
+def test_stored_answer_is_replayed_after_an_output_policy_change(
+    tmp_path: Path, trained_checkpoints: Path
+) -> None:
+    body = payload(images(3, seed=9), request_id="before-the-change")
+    with make_app(tmp_path, trained_checkpoints) as http:
+        client_id, key = create_client(http, "policy-change", 100)
+        first = http.post(f"/v1/models/{MODEL}/predict", json=body, headers=bearer(key))
+    assert first.status_code == 200 and "top_k" not in first.json()
+    with make_app(tmp_path, trained_checkpoints, output_policies={MODEL: "top-k:3"}) as http:
+        again = http.post(f"/v1/models/{MODEL}/predict", json=body, headers=bearer(key))
+        fresh = http.post(
+            f"/v1/models/{MODEL}/predict", json=payload(images(1)), headers=bearer(key)
+        )
+        used = usage(http)[client_id]
+    assert again.status_code == 200, again.text
+    assert again.json() == first.json()  # the answer that was sold, as it was sold
+    assert fresh.status_code == 200 and len(fresh.json()["top_k"][0]) == 3
+    assert used == 3 + 1
+
+
+def test_a_500_after_the_charge_does_not_say_nothing_was_charged(
+    main_app: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = make_ctx(main_app, "fails-after-charge")
+    service = main_app.app.state.service  # type: ignore[attr-defined]
+    real_predict = service.predict
+
+    def charge_then_fail(*args: Any, **kwargs: Any) -> Any:
+        real_predict(*args, **kwargs)
+        raise RuntimeError("fails after the charge")
+
+    body = payload(images(2, seed=11), request_id="charged-then-500")
+    http = TestClient(main_app.app, raise_server_exceptions=False)  # no `with`: one lifespan
+    monkeypatch.setattr(service, "predict", charge_then_fail)
+    failed = http.post(f"/v1/models/{MODEL}/predict", json=body, headers=bearer(ctx.keys["main"]))
+    monkeypatch.undo()
+    retried = ctx.predict(body)
+    assert failed.status_code == 500
+    message = failed.json()["error"]["message"]
+    assert "nothing was charged" not in message
+    assert "may have been charged" in message and "request_id" in message
+    assert usage(main_app)[ctx.ids["main"]] == 2  # it was charged...
+    assert retried.status_code == 200 and retried.json()["queries_used"] == 2  # ...once
+
+
+def test_a_500_before_the_charge_says_nothing_was_charged(
+    main_app: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = make_ctx(main_app, "fails-before-charge")
+    service = main_app.app.state.service  # type: ignore[attr-defined]
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the key lookup fails")
+
+    http = TestClient(main_app.app, raise_server_exceptions=False)  # no `with`: one lifespan
+    monkeypatch.setattr(service.store, "authenticate", broken)
+    failed = http.post(
+        f"/v1/models/{MODEL}/predict", json=payload(images(1)), headers=bearer(ctx.keys["main"])
+    )
+    assert failed.status_code == 500
+    assert failed.json() == {
+        "error": {"code": "internal_error", "message": "internal error; nothing was charged"}
+    }
+
+
+# -- item 14: the key is checked before a byte of the body is read ----------------------------------
+class CountingReceive:
+    """An ASGI ``receive`` that counts how often the app asked for the body."""
+
+    def __init__(self, body: bytes, *, stall: bool = False) -> None:
+        self.body, self.stall, self.calls = body, stall, 0
+
+    async def __call__(self) -> dict[str, Any]:
+        self.calls += 1
+        if self.stall:  # a client that never sends its body
+            await asyncio.sleep(3600)
+        return {"type": "http.request", "body": self.body, "more_body": False}
+
+
+def call_asgi(
+    http: TestClient, method: str, path: str, headers: dict[str, str], receive: CountingReceive
+) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """Call the app directly (no test client in between); returns status, headers, JSON body."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+        "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+        "query_string": b"", "server": ("testserver", 80), "client": ("testclient", 50000),
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()], "state": {},
+    }  # fmt: skip
+    # a deadline of our own: without the service's, a stalled body would hang the test
+    asyncio.run(asyncio.wait_for(http.app(scope, receive, send), timeout=10))  # type: ignore[arg-type]
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    headers_out = {k.decode(): v.decode() for k, v in start["headers"]}
+    return start["status"], headers_out, json.loads(body)
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "status", "code"),
+    [
+        (f"/v1/models/{MODEL}/predict", None, 401, "missing_api_key"),
+        (f"/v1/models/{MODEL}/predict", "mlr_not-a-real-key", 401, "unknown_api_key"),
+        ("/v1/admin/clients", None, 401, "missing_api_key"),
+        ("/v1/admin/clients", "not-the-admin-token", 403, "not_admin"),
+    ],
+    ids=["predict-no-key", "predict-bad-key", "admin-no-token", "admin-bad-token"],
+)
+def test_a_refused_key_reads_no_body(
+    main_app: TestClient, path: str, key: str | None, status: int, code: str
+) -> None:
+    headers = {"content-type": "application/json", "content-length": str(MAX_BODY * 4)}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    receive = CountingReceive(b"{not json" + b" " * (MAX_BODY * 4 - 9))
+    got_status, _, body = call_asgi(main_app, "POST", path, headers, receive)
+    assert (got_status, body["error"]["code"]) == (status, code)
+    assert receive.calls == 0, "the body was read before the key was checked"
+
+
+def test_a_body_without_a_length_gets_411(main_app: TestClient) -> None:
+    ctx = make_ctx(main_app, "length")
+    headers = {"authorization": f"Bearer {ctx.keys['main']}"}
+    status, _, body = call_asgi(
+        main_app, "POST", f"/v1/models/{MODEL}/predict", headers, CountingReceive(b"{}")
+    )
+    assert status == 411 and body["error"]["code"] == "length_required"
+    assert "Content-Length" in body["error"]["message"]
+
+
+def test_a_body_that_does_not_arrive_gets_408(tmp_path: Path, trained_checkpoints: Path) -> None:
+    with make_app(tmp_path, trained_checkpoints, body_timeout=0.3) as http:
+        _, key = create_client(http, "slow", 10)
+        headers = {"authorization": f"Bearer {key}", "content-length": "100"}
+        status, out_headers, body = call_asgi(
+            http, "POST", f"/v1/models/{MODEL}/predict", headers, CountingReceive(b"", stall=True)
+        )
+    assert status == 408 and body["error"]["code"] == "body_timeout"
+    assert "0.3 s" in body["error"]["message"]
+    assert out_headers["connection"] == "close"
+
+
+# -- item 16: every error is documented, in one shape ------------------------------------------------
+def test_method_not_allowed_names_the_allowed_methods(main_app: TestClient) -> None:
+    response = main_app.put("/v1/admin/alarms", headers=ADMIN_HEADERS)
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET"
+    assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_openapi_documents_every_error_with_the_error_schema(main_app: TestClient) -> None:
+    spec = main_app.get("/openapi.json").json()
+    error_ref = "#/components/schemas/ErrorResponse"
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    operations = [
+        (path, method, operation)
+        for path, methods in spec["paths"].items()
+        for method, operation in methods.items()
+    ]
+    assert len(operations) >= 9
+    for path, method, operation in operations:
+        responses = operation["responses"]
+        expected = {"405", "500"}
+        if method in ("post", "put", "patch"):
+            expected |= {"400", "408", "411", "413", "422"}
+        if path.startswith("/v1/admin") or path == "/metrics" or path.endswith("/predict"):
+            expected |= {"401", "403"}
+        if "{" in path:
+            expected |= {"404", "422"}
+        assert expected <= set(responses), (path, method, sorted(responses))
+        for status, response in responses.items():
+            if int(status) >= 400:
+                schema = response["content"]["application/json"]["schema"]
+                assert schema == {"$ref": error_ref}, (path, method, status)
+    tensor = spec["components"]["schemas"]["EncodedTensor"]
+    assert tensor["then"] == {"required": ["shape"]}  # shape is required with base64 data
+
+
+# -- item 18: /metrics is the operator's --------------------------------------------------------------
+def test_metrics_need_the_admin_token(main_app: TestClient) -> None:
+    ctx = make_ctx(main_app, "metrics-access")
+    assert main_app.get("/metrics").json()["error"]["code"] == "missing_api_key"
+    as_client = main_app.get("/metrics", headers=bearer(ctx.keys["main"]))
+    assert as_client.status_code == 403 and as_client.json()["error"]["code"] == "not_admin"
+    assert main_app.get("/metrics", headers=ADMIN_HEADERS).status_code == 200
+    assert main_app.get("/health").status_code == 200  # still public
+    assert main_app.get("/v1/models").status_code == 200
+
+
+def test_metrics_can_be_made_public(tmp_path: Path, trained_checkpoints: Path) -> None:
+    with make_app(tmp_path, trained_checkpoints, metrics_public=True) as http:
+        response = http.get("/metrics")
+    assert response.status_code == 200 and "mlaas_queries" in response.text
+
+
+def test_serve_refuses_a_short_admin_token(tmp_path: Path) -> None:
+    env = {**os.environ, "TARGET_ADMIN_TOKEN": "fifteen-chars!!", "TARGET_STATE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "target_service.cli", "serve", "--port", "1"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "TARGET_ADMIN_TOKEN must be at least 16 characters, got 15" in done.stdout + done.stderr
+    assert "fifteen-chars!!" not in done.stdout + done.stderr
+    assert not (tmp_path / "state.sqlite3").exists()

@@ -35,7 +35,7 @@ REFERENCE = MiReference(0.5, (0.5,), {"window": 100, "bins": 256, "statistic": S
         (
             {"detectors": {MODEL: {"prada": {"dleta": 0.9}}}},
             r"TARGET_DETECTORS\['lenet5-mnist'\]\['prada'\]: detector 'prada' has no "
-            r"setting\(s\) \['dleta'\]; its settings are \['delta'\]",
+            r"setting\(s\) \['dleta'\]; its settings are \['delta', 'max_stored'\]",
         ),
         (
             {"detectors": {"c3f2-mnist": {"prada": {}}}},

@@ -68,7 +68,9 @@ def detector_entries(http: TestClient, status: str) -> list[dict[str, Any]]:
 
 
 def error_count(http: TestClient) -> float:
-    text = http.get("/metrics").text
+    response = http.get("/metrics", headers=ADMIN_HEADERS)
+    assert response.status_code == 200, response.text
+    text = response.text
     found = re.search(
         rf'^mlaas_detector_errors_total\{{detector="flaky",model="{MODEL}"\}} (\S+)$', text, re.M
     )

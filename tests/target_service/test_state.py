@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import threading
 from collections import Counter
@@ -203,3 +204,15 @@ def test_budget_zero_client_can_never_be_charged(store: StateStore) -> None:
     with pytest.raises(BudgetExhausted, match="remaining budget of 0"):
         charge(store, client.client_id, 1)
     assert store.ledger_total(client.client_id) == 0
+
+
+def test_database_files_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)  # a typical umask would make them world-readable
+    try:
+        store = StateStore(tmp_path / "state.sqlite3")
+        store.create_client("alice", 5)
+        modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+        store.close()
+    finally:
+        os.umask(old)
+    assert modes == {"state.sqlite3": 0o600, "state.sqlite3-wal": 0o600, "state.sqlite3-shm": 0o600}

@@ -256,7 +256,7 @@ BAD_UPLOADS = [
         "over-size-limit",
         npz(images=np.zeros((400, 1, 28, 28), np.uint8), labels=np.arange(400) % 2),
         413,
-        "dataset_too_large",
+        "body_too_large",
         (str(MAX_UPLOAD),),
     ),
 ]
@@ -316,7 +316,7 @@ def test_streamed_upload_over_limit_is_413_without_content_length(http: TestClie
         headers={**bearer(key), "Content-Type": "application/octet-stream"},
     )
     assert response.status_code == 413, response.text
-    assert response.json()["error"]["code"] == "dataset_too_large"
+    assert response.json()["error"]["code"] == "body_too_large"
     assert http.get("/v1/datasets", headers=bearer(key)).json() == []
 
 
@@ -644,3 +644,18 @@ def test_a_job_whose_dataset_was_deleted_fails_with_the_reason_and_a_refund(
     assert [e["reason"] for e in view["training_ledger"]] == ["reserved", "failed"]
     names = [m["name"] for m in http.get("/v1/models", headers=bearer(key)).json()["models"]]
     assert "u/uma/orphan" not in names
+
+
+def test_upload_headers_are_checked_before_the_body_is_streamed(http: TestClient) -> None:
+    key = create_client(http, "header-checks")
+    body = npz(images=IMAGES, labels=LABELS)
+    no_key = http.post("/v1/datasets?name=d", content=body)
+    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "missing_api_key"
+    gzipped = http.post(
+        "/v1/datasets?name=d",
+        content=body,
+        headers={**bearer(key), "Content-Encoding": "gzip"},
+    )
+    assert gzipped.status_code == 400, gzipped.text
+    assert gzipped.json()["error"]["code"] == "unsupported_content_encoding"
+    assert http.get("/v1/datasets", headers=bearer(key)).json() == []
