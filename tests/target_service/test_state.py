@@ -109,10 +109,11 @@ def test_replay_returns_the_stored_answer_once_charged(store: StateStore, tmp_pa
     other, _ = store.create_client("bob", 10)
     assert store.replay(client.client_id, "r1", "fp-a") is None
     first = charge(store, client.client_id, 3, request_id="r1", fp="fp-a")
-    assert not first.replayed
-    assert store.replay(client.client_id, "r1", "fp-a") == first.response
+    assert not first.replayed and first.response["charged"] == 3
+    replayed = {**first.response, "charged": 0}  # same answer and meter, nothing charged
+    assert store.replay(client.client_id, "r1", "fp-a") == replayed
     again = charge(store, client.client_id, 3, request_id="r1", fp="fp-a")
-    assert again.replayed and again.response == first.response
+    assert again.replayed and again.response == replayed
     with pytest.raises(Conflict, match="'r1'") as conflict:
         store.replay(client.client_id, "r1", "fp-b")
     assert conflict.value.code == "request_id_reused"
