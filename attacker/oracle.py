@@ -203,6 +203,7 @@ class HttpOracle:
         self._nonce = request_nonce
         self.meter = Meter()
         self.queries_remaining: int | None = None
+        self._last_used: int | None = None  # the server's queries_used in its latest charge
 
     def close(self) -> None:
         self._client.close()
@@ -258,7 +259,7 @@ class HttpOracle:
                 problem = f"network error: {exc!r}"
             else:
                 if response.status_code == 200:
-                    return self._settle(response.json(), len(batch))
+                    return self._settle(response.json(), len(batch), retried=attempt > 0)
                 message = _error_message(response)
                 if response.status_code == 402:
                     raise BudgetExhausted(f"budget exhausted: {message}", np.empty(0, np.int64))
@@ -274,17 +275,36 @@ class HttpOracle:
             time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _settle(self, payload: dict, images: int) -> np.ndarray:
-        """Labels of a 200 answer; the meter takes the server's own ``charged`` figure."""
+    def _settle(self, payload: dict, images: int, *, retried: bool) -> np.ndarray:
+        """Labels of a 200 answer; the meter takes the server's own figures.
+
+        ``charged`` is what this request cost. A replay (``charged`` 0) that answers a retry is
+        the one case where the charge belongs to an answer we lost: the server charged our
+        earlier attempt. Its ``queries_used`` (the meter right after that charge) tells: above
+        the last figure this oracle saw, the charge happened during this run, so it is paid;
+        otherwise an earlier run paid it and it is a replay.
+        """
         try:
-            charged, labels = int(payload["charged"]), payload["labels"]
+            charged, used, labels = (
+                int(payload["charged"]),
+                int(payload["queries_used"]),
+                payload["labels"],
+            )
         except (KeyError, TypeError, ValueError):
             raise OracleRejected(
-                f"the service's answer lacks the charged / labels figures: {str(payload)[:200]}"
+                "the service's answer lacks the charged / queries_used / labels figures: "
+                f"{str(payload)[:200]}"
             ) from None
+        lost_answer = (
+            charged == 0 and retried and (self._last_used is None or used > self._last_used)
+        )
+        if lost_answer:
+            charged = images
         self.meter.paid += charged
         self.meter.replayed += images - charged
-        self.queries_remaining = payload.get("queries_remaining")
+        if charged:
+            self._last_used = max(used, self._last_used or 0)
+            self.queries_remaining = payload.get("queries_remaining")
         return np.asarray(labels, dtype=np.int64)
 
 
