@@ -303,7 +303,7 @@ def test_pgd_runs_the_model_in_eval_mode_from_its_first_forward_pass(call: str) 
     if call == "attack":
         PGD(eps=0.1, steps=2)(model, x, labels=torch.tensor([0, 1, 2]))
     else:
-        with pytest.raises(ValueError, match="labels must be classes in 0..9"):
+        with pytest.raises(ValueError, match=r"labels must be classes in 0\.\.9"):
             PGD(eps=0.1, steps=2)(model, x, labels=torch.tensor([0, 1, 12]))
     assert model.modes and not any(model.modes)  # no forward pass in train mode
     for name, value in model.state_dict().items():  # batch-norm statistics untouched
@@ -452,7 +452,9 @@ def test_targeted_transfer_sends_only_what_fools_the_substitute_and_pays_per_exa
     assert np.array_equal(crafted.fooled_substitute, fooled == crafted.target)
     assert np.array_equal(result.sent_index, np.flatnonzero(fooled == crafted.target))
     assert summary["sent"] == len(result.sent_index) == summary["fooled_substitute"]
-    assert oracle.meter.paid == summary["sent"] + summary["noise_queries"] == summary["queries_paid"]
+    assert (
+        oracle.meter.paid == summary["sent"] + summary["noise_queries"] == summary["queries_paid"]
+    )
     assert summary["queries_replayed"] == summary["queries_from_cache"] == 0
     assert summary["noise_queries"] == summary["sent"]  # one probe per example sent
     assert summary["transferability"] == summary["fooled_target"] / summary["sent"]
