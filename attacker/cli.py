@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -767,7 +768,11 @@ def run(
 
 
 def _plan_runs(
-    methods: list[str], budgets: list[int], *, pool_size: int, params
+    methods: list[str],
+    budgets: list[int],
+    *,
+    pool_size: int,
+    params: Callable[[str], dict[str, Any]],
 ) -> list[tuple[str, int, dict[str, Any] | None]]:
     """(method, k, selector params, None for JbDA) for every run, each checked: the method is
     known, its parameters build a selector, and k fits the method and the pool."""
