@@ -516,6 +516,10 @@ def _print_transfer(summary: dict[str, Any]) -> None:
         f"{summary['sent']} + {summary['noise_queries']}",
     )
     Console().print(table)
+    console.print(
+        f"queries_paid {summary['queries_paid']}, queries_replayed {summary['queries_replayed']}, "
+        f"queries_from_cache {summary['queries_from_cache']}"
+    )
     if summary["transferability_all"] is not None:
         console.print(
             f"over every crafted example (the paper's definition): "
@@ -800,7 +804,10 @@ def _plan_runs(
 
 
 def _print_runs(runs: list[dict[str, Any]]) -> None:
-    table = Table("method", "k", "bought", "paid", "substitute accuracy", "agreement with target")
+    table = Table(
+        "method", "k", "bought", "paid", "replayed", "from cache", "stopped by",
+        "substitute accuracy", "agreement with target",
+    )  # fmt: skip
     for record in runs:
         agreement = (
             "n/a (no --eval-api-key)"
@@ -812,6 +819,9 @@ def _print_runs(runs: list[dict[str, Any]]) -> None:
             str(record["k"]),
             str(record["queries_bought"]),
             str(record["queries_paid"]),
+            str(record["queries_replayed"]),
+            str(record["queries_from_cache"]),
+            record["stopped_by"] or "-",
             f"{record['substitute_accuracy']:.2%}",
             agreement,
         )

@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from attacker.cli import app
-from mlcore.checkpoints import load_checkpoint
+from mlcore.architectures import build_model
+from mlcore.checkpoints import load_checkpoint, save_checkpoint
 from tests.attacker.fakes import FakeService, route_http_to
 
 URL = "http://target"
@@ -100,6 +101,25 @@ def test_the_answer_cache_is_per_account_unless_shared(
     assert sybil["meta"]["shared_cache"] == shared
     assert "Shared answer cache" in (tmp_path / "s" / "report.md").read_text()
     assert service.used == 150
+
+
+def test_transfer_send_all_sends_every_example_and_reports_both_rates(
+    service: FakeService, tmp_path: Path
+) -> None:
+    substitute = save_checkpoint(
+        tmp_path / "sub.pt", build_model("lenet5"), arch="lenet5", dataset="mnist-embedded:pool"
+    )
+    code, output = invoke(
+        "transfer", "--url", URL, "--api-key", "k", "--substitute", str(substitute), "--seeds", "2",
+        "--steps", "2", "--send-all", "--cache", str(tmp_path / "c.sqlite3"),
+        "--report-dir", str(tmp_path / "r"),
+    )  # fmt: skip
+    assert code == 0, output
+    report = json.loads((tmp_path / "r" / "transfer.json").read_text())
+    assert report["send"] == "all" and report["sent"] == report["crafted"] == 18
+    assert report["transferability_all"] == report["fooled_target"] / 18
+    assert report["queries_paid"] == 18 + report["noise_queries"] == service.used
+    assert "over every crafted example (the paper's definition)" in output
 
 
 @pytest.mark.parametrize(
