@@ -65,6 +65,14 @@ def test_a_retry_after_a_lost_answer_is_charged_once(server: LiveServer, tmp_pat
     assert transport.dropped == 1
     assert len(labels) == 30 and (labels >= 0).all()
     assert used(server, client_id) == 30
+    # the lost answer's charge is this run's: paid, not a replay
+    assert oracle.meter.report() == {
+        "queries_paid": 30, "queries_replayed": 0, "queries_from_cache": 0
+    }  # fmt: skip
+    with HttpOracle(server.url, key, "lenet5-mnist") as again:  # a new run, no answer cache
+        again.predict_labels(pool_images(30))
+    assert (again.meter.paid, again.meter.replayed) == (0, 30)
+    assert used(server, client_id) == 30
 
 
 def test_402_stops_with_the_labels_bought_and_the_cache_saves_the_rerun(
@@ -82,17 +90,25 @@ def test_402_stops_with_the_labels_bought_and_the_cache_saves_the_rerun(
     assert (bought[:100] >= 0).all() and (bought[100:] == -1).all()
     assert used(server, client_id) == 100
 
+    with HttpOracle(
+        server.url, key, "lenet5-mnist", cache_path=cache, batch_size=100
+    ) as oracle:  # the same account again: its cache saves what it bought
+        with pytest.raises(BudgetExhausted):
+            oracle.predict_labels(x)
+        assert oracle.meter.from_cache == 100 and oracle.meter.paid == 0
+    assert used(server, client_id) == 100
+
     second_id, second_key = admin_create_client(server, "rerun", budget=300)
     with HttpOracle(
         server.url, second_key, "lenet5-mnist", cache_path=cache, batch_size=100
-    ) as oracle:
+    ) as oracle:  # another account does not see those labels: it pays for all of them
         labels = oracle.predict_labels(x)
-        assert oracle.cache_hits == 100 and oracle.queries_bought == 200
+        assert oracle.meter.from_cache == 0 and oracle.meter.paid == 300
     assert labels[:100].tolist() == bought[:100].tolist()
     with HttpOracle(server.url, second_key, "lenet5-mnist", cache_path=cache) as oracle:
         assert oracle.predict_labels(x).tolist() == labels.tolist()
-        assert oracle.queries_bought == 0
-    assert used(server, second_id) == 200
+        assert oracle.meter.paid == 0 and oracle.meter.from_cache == 300
+    assert used(server, second_id) == 300
 
 
 def test_attacker_run_steals_a_substitute_that_beats_chance(
@@ -110,7 +126,8 @@ def test_attacker_run_steals_a_substitute_that_beats_chance(
     subprocess.run(command, check=True, timeout=900)
     report = json.loads((report_dir / "report.json").read_text())
     assert report["method"] == "drmi" and report["k"] == 300
-    assert report["queries_bought"] == 300 == used(server, client_id)
+    assert report["queries_bought"] == 300 == report["queries_paid"] == used(server, client_id)
+    assert report["stopped_by"] is None
     assert report["substitute_accuracy"] > 0.5  # chance is 0.1
     assert 0.5 < report["agreement"] <= 1.0
     assert (report_dir / "report.md").exists()

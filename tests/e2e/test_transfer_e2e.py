@@ -130,7 +130,7 @@ def test_running_out_of_budget_mid_attack_reports_what_was_sent(
     client_id, key = admin_create_client(server, "poor", 25)
     report = transfer(server, key, substitute, tmp_path, "--targeted", "--seeds", "10")
     assert report["fooled_substitute"] > 25
-    assert report["budget_exhausted"] is True
+    assert report["stopped_by"] == "budget"
     assert report["sent"] == 25 == queries_used(server, client_id)  # the whole budget, no more
     assert report["noise_queries"] == 0
     assert "Stopped early" in (tmp_path / "report" / "transfer.md").read_text()

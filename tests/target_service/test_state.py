@@ -110,10 +110,11 @@ def test_replay_returns_the_stored_answer_once_charged(store: StateStore, tmp_pa
     other, _ = store.create_client("bob", 10)
     assert store.replay(client.client_id, "r1", "fp-a") is None
     first = charge(store, client.client_id, 3, request_id="r1", fp="fp-a")
-    assert not first.replayed
-    assert store.replay(client.client_id, "r1", "fp-a") == first.response
+    assert not first.replayed and first.response["charged"] == 3
+    replayed = {**first.response, "charged": 0}  # same answer and meter, nothing charged
+    assert store.replay(client.client_id, "r1", "fp-a") == replayed
     again = charge(store, client.client_id, 3, request_id="r1", fp="fp-a")
-    assert again.replayed and again.response == first.response
+    assert again.replayed and again.response == replayed
     with pytest.raises(Conflict, match="'r1'") as conflict:
         store.replay(client.client_id, "r1", "fp-b")
     assert conflict.value.code == "request_id_reused"
@@ -136,7 +137,7 @@ def test_state_survives_reopening(tmp_path: Path) -> None:
     reopened = StateStore(path)
     try:
         assert reopened.authenticate(key).used == 4
-        assert reopened.replay(client.client_id, "r1", "f") == answer
+        assert reopened.replay(client.client_id, "r1", "f") == {**answer, "charged": 0}
         assert reopened.ledger_total(client.client_id) == 4
     finally:
         reopened.close()
@@ -195,7 +196,10 @@ def test_concurrent_duplicates_of_one_request_id_are_charged_once(store: StateSt
         thread.join(timeout=60)
     assert len(results) == 8
     assert sum(not result.replayed for result in results) == 1
-    assert all(result.response == results[0].response for result in results)
+    assert all(  # one answer; only the charged request says it was charged
+        result.response == {**results[0].response, "charged": 0 if result.replayed else 5}
+        for result in results
+    )
     assert store.get_client(client.client_id).used == 5
 
 
