@@ -1,6 +1,7 @@
 """A broken install must fail the tests, not skip them: no test may import the project's own
 packages or its hard dependencies (pyproject ``dependencies``) through ``pytest.importorskip``,
-or swallow their ImportError. Optional extras may still be skipped when absent."""
+or swallow their ImportError, and ``make test`` fails when pytest collects nothing. Optional
+extras may still be skipped when absent."""
 
 from __future__ import annotations
 
