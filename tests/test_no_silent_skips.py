@@ -34,7 +34,8 @@ def required_modules() -> set[str]:
         for module, owners in packages_distributions().items()
         if any(owner.lower().replace("_", "-") in distributions for owner in owners)
     }
-    return packages | provided
+    as_modules = {name.replace("-", "_") for name in distributions}  # in case one is missing
+    return packages | provided | as_modules
 
 
 def silent_skips(source: str, required: set[str]) -> list[str]:
