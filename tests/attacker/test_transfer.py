@@ -399,6 +399,21 @@ def test_bad_seed_counts_are_rejected(white_box: nn.Module, test_set: ImageDatas
 
 
 # -- the transfer step against a local oracle ----------------------------------------------------
+class RecordingOracle(LocalOracle):
+    """A LocalOracle that keeps every image it was asked about and every label it answered."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.asked: list[np.ndarray] = []
+        self.answered: list[np.ndarray] = []
+
+    def predict_labels(self, images: np.ndarray) -> np.ndarray:
+        labels = super().predict_labels(images)
+        self.asked.append(np.array(images))
+        self.answered.append(labels)
+        return labels
+
+
 class BudgetOracle:
     """A LocalOracle behind a budget, refusing whole batches as the service does (402)."""
 
@@ -427,8 +442,8 @@ class BlockingOracle(BudgetOracle):
 @pytest.fixture(scope="module")
 def targeted_run(
     white_box: nn.Module, target: nn.Module, test_set: ImageDataset
-) -> tuple[Any, LocalOracle]:
-    oracle = LocalOracle(target)
+) -> tuple[Any, RecordingOracle]:
+    oracle = RecordingOracle(target)
     result = transfer_attack(
         oracle,
         white_box,
@@ -442,7 +457,7 @@ def targeted_run(
 
 
 def test_targeted_transfer_sends_only_what_fools_the_substitute_and_pays_per_example(
-    targeted_run: tuple[Any, LocalOracle], white_box: nn.Module
+    targeted_run: tuple[Any, RecordingOracle], white_box: nn.Module
 ) -> None:
     result, oracle = targeted_run
     summary = result.summary()
@@ -459,8 +474,25 @@ def test_targeted_transfer_sends_only_what_fools_the_substitute_and_pays_per_exa
     assert summary["noise_queries"] == summary["sent"]  # one probe per example sent
     assert summary["transferability"] == summary["fooled_target"] / summary["sent"]
     assert summary["send"] == "fooling_substitute" and summary["transferability_all"] is None
-    assert summary["transferability"] >= summary["noise_baseline"] + 0.3
+    # measured on these two small models: 0.65 against a noise baseline of 0.07
+    assert summary["transferability"] >= max(0.5, summary["noise_baseline"] + 0.4), summary
     assert summary["mean_linf"] <= 0.5 + 1e-9
+    # What the oracle was really asked: the examples that fooled the substitute, then one noise
+    # probe each, every one within eps of its seed; success is the oracle saying the target.
+    asked, answered = np.concatenate(oracle.asked), np.concatenate(oracle.answered)
+    assert len(asked) == summary["queries_paid"]
+    sent = summary["sent"]
+    np.testing.assert_array_equal(asked[:sent], crafted.adversarial[result.sent_index])
+    seeds = result.seed_images[crafted.seed_row[result.sent_index]]
+    for probes in (asked[:sent], asked[sent:]):
+        linf, _ = perturbation_norms(seeds, probes)
+        assert (linf <= 0.5 + 1e-9).all() and (linf > 0).all()
+    assert summary["fooled_target"] == int(
+        (answered[:sent] == crafted.target[result.sent_index]).sum()
+    )
+    assert summary["noise_fooled"] == int(
+        (answered[sent:] == crafted.target[result.sent_index]).sum()
+    )
     assert summary["seconds_per_example"] > 0
     assert sum(summary["per_class"]["sent"]) == summary["sent"]
     assert np.sum(summary["confusion_counts"]) == summary["sent"]
@@ -514,7 +546,7 @@ def test_untargeted_transfer_counts_any_wrong_label_as_success(
     sources = result.crafted.source[result.sent_index]
     expected = (result.target_labels != sources).sum()
     assert summary["fooled_target"] == expected
-    assert summary["transferability"] > 0.5
+    assert summary["transferability"] >= 0.75  # measured: 0.87 (26 of 30)
 
 
 @pytest.mark.parametrize("budget", [0, 7, 40])

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from attacker.oracle import BudgetExhausted, HttpOracle
+from mlcore.checkpoints import load_checkpoint
 from mlcore.datasets import load_dataset
 from target_service.testing import LiveServer, admin_create_client
 
@@ -111,8 +112,8 @@ def test_402_stops_with_the_labels_bought_and_the_cache_saves_the_rerun(
     assert used(server, second_id) == 300
 
 
-def test_attacker_run_steals_a_substitute_that_beats_chance(
-    server: LiveServer, tmp_path: Path
+def test_attacker_run_steals_a_substitute_that_agrees_with_the_target(
+    server: LiveServer, tmp_path: Path, trained_checkpoints: Path
 ) -> None:
     client_id, key = admin_create_client(server, "drmi", budget=400)
     _, eval_key = admin_create_client(server, "evaluator", budget=1000)
@@ -128,6 +129,11 @@ def test_attacker_run_steals_a_substitute_that_beats_chance(
     assert report["method"] == "drmi" and report["k"] == 300
     assert report["queries_bought"] == 300 == report["queries_paid"] == used(server, client_id)
     assert report["stopped_by"] is None
-    assert report["substitute_accuracy"] > 0.5  # chance is 0.1
-    assert 0.5 < report["agreement"] <= 1.0
+    # Measured on this setup: agreement 0.87, substitute accuracy 0.745 against the target's 0.80;
+    # a substitute of random labels would score about 0.1 on both.
+    target_accuracy = load_checkpoint(trained_checkpoints / "lenet5-mnist.pt").metrics[
+        "test_accuracy"
+    ]
+    assert 0.8 <= report["agreement"] <= 1.0, report
+    assert report["substitute_accuracy"] >= target_accuracy - 0.12, (report, target_accuracy)
     assert (report_dir / "report.md").exists()

@@ -234,8 +234,8 @@ def test_labels_of_a_mixed_batch_are_the_models_in_order(
     assert labels == local.tolist()
     assert backward.json()["labels"] == labels[::-1]
     assert as_float.json()["labels"] == labels
-    # the hosted model is a real classifier, not a constant
-    assert (torch.tensor(labels) == truth).float().mean() > 0.5
+    # the hosted model is the trained classifier (0.80 test accuracy; 0.78 on these 120 images)
+    assert (torch.tensor(labels) == truth).float().mean() >= 0.7
 
 
 # -- crash safety -------------------------------------------------------------------------------
