@@ -10,7 +10,10 @@ attacker run     --url URL --api-key KEY --model lenet5-mnist --method drmi --k 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +31,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 DEFAULT_CACHE = Path.home() / ".cache" / "mlaas-range" / "answers.sqlite3"
+JBDA_SEED_SIZE = 100  # JbDA's seed images: its smallest budget
 
 Url = Annotated[str, typer.Option(help="Target service URL.", envvar="ATTACKER_URL")]
 ApiKey = Annotated[str, typer.Option(help="Your API key.", envvar="ATTACKER_API_KEY")]
@@ -47,7 +51,20 @@ EvalKey = Annotated[
         envvar="ATTACKER_EVAL_API_KEY",
     ),
 ]
-CachePath = Annotated[Path, typer.Option(help="Answer cache: a re-run never re-buys a label.")]
+CachePath = Annotated[
+    Path,
+    typer.Option(
+        help="Answer cache: a re-run never re-buys a label. Scoped to the API key (by a hash of "
+        "it): labels another account bought are not reused."
+    ),
+]
+SharedCache = Annotated[
+    Path | None,
+    typer.Option(
+        help="Use this answer cache shared between accounts instead of --cache: labels any "
+        "account bought are reused (a Sybil strategy; the report says it was used)."
+    ),
+]
 Norm = Annotated[str, typer.Option(help="PGD norm: linf | l2.")]
 Steps = Annotated[int, typer.Option(min=1, help="PGD iterations.")]
 
@@ -137,7 +154,10 @@ def _oracle(
     cache: Path,
     progress: Progress | None = None,
     total: int = 0,
+    *,
+    shared_cache: Path | None = None,
 ):
+    """The HTTP oracle of one account: its own answer cache ``cache``, or ``shared_cache``."""
     from attacker.oracle import HttpOracle
 
     on_batch = None
@@ -147,7 +167,14 @@ def _oracle(
         def on_batch(n: int) -> None:
             progress.advance(task, n)
 
-    return HttpOracle(url, api_key, model, cache_path=cache, on_batch=on_batch)
+    return HttpOracle(
+        url,
+        api_key,
+        model,
+        cache_path=shared_cache or cache,
+        shared_cache=shared_cache is not None,
+        on_batch=on_batch,
+    )
 
 
 def _target_labels(
@@ -158,6 +185,38 @@ def _target_labels(
         return None
     with _oracle(url, eval_key, model, cache) as oracle:
         return oracle.predict_labels(test.images.numpy())
+
+
+def _check_url(url: str) -> None:
+    import httpx2
+
+    try:
+        parsed = httpx2.URL(url)
+    except Exception:  # httpx2 raises its own InvalidURL, or TypeError / ValueError
+        raise ValueError(f"--url must be an http(s) URL, got {url!r}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"--url must be an http(s) URL, got {url!r}")
+
+
+def _check_key(option: str, key: str) -> None:
+    """A bearer token: non-empty, printable, no spaces. The message never quotes the key."""
+    if not key:
+        raise ValueError(f"{option} must not be empty")
+    if not key.isprintable() or any(char.isspace() for char in key):
+        raise ValueError(f"{option} must be one token without spaces or control characters")
+
+
+def _check_writable(option: str, path: Path, *, folder: bool = False) -> None:
+    """``path`` (a folder, or a file's folder) exists or can be made, and can be written to."""
+    where = path if folder else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{option} {str(path)!r} cannot be created: {exc.strerror}") from None
+    if not os.access(where, os.W_OK):
+        raise ValueError(f"{option} {str(path)!r} is not writable")
+    if not folder and path.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is a folder, not a file")
 
 
 def _extract_and_evaluate(
@@ -173,6 +232,7 @@ def _extract_and_evaluate(
     batch_size: int,
     seed: int,
     cache: Path,
+    shared_cache: Path | None,
     target_labels: np.ndarray | None,
 ) -> tuple[Any, dict[str, Any]]:
     from attacker.extraction import evaluate_substitute, extract
@@ -180,7 +240,9 @@ def _extract_and_evaluate(
     indices = np.asarray(selection.indices)
     with (
         _progress() as progress,
-        _oracle(url, api_key, model, cache, progress, total=len(indices)) as oracle,
+        _oracle(
+            url, api_key, model, cache, progress, total=len(indices), shared_cache=shared_cache
+        ) as oracle,
     ):
         train_task = progress.add_task("training substitute", total=epochs, start=False)
 
@@ -198,14 +260,13 @@ def _extract_and_evaluate(
             seed=seed,
             progress=on_epoch,
         )
-        paid = oracle.queries_bought
     run = {
         "method": selection.method,
         "params": selection.params,
         "k": selection.k,
         "queries_bought": result.queries_bought,
-        "queries_paid": paid,
-        "budget_exhausted": result.budget_exhausted,
+        **oracle.meter.report(),
+        "stopped_by": result.stopped_by,
         **evaluate_substitute(result.substitute, test, target_labels=target_labels),
         "train_seconds": round(result.train_seconds, 2),
         "seed": seed,
@@ -224,6 +285,7 @@ def _jbda_and_evaluate(
     arch: str,
     seed: int,
     cache: Path,
+    shared_cache: Path | None,
     target_labels: np.ndarray | None,
 ) -> tuple[Any, dict[str, Any]]:
     """JbDA spends ``k`` queries on synthetic points (its own schedule: 100 seeds, lambda 0.1,
@@ -231,17 +293,18 @@ def _jbda_and_evaluate(
     from attacker.extraction import evaluate_substitute
     from attacker.jbda import jbda_extract
 
-    with _progress() as progress, _oracle(url, api_key, model, cache, progress, total=k) as oracle:
-        result = jbda_extract(oracle, pool, k=k, arch=arch, seed=seed)
-        paid = oracle.queries_bought
+    with (
+        _progress() as progress,
+        _oracle(url, api_key, model, cache, progress, total=k, shared_cache=shared_cache) as oracle,
+    ):
+        result = jbda_extract(oracle, pool, k=k, arch=arch, seed_size=JBDA_SEED_SIZE, seed=seed)
     run = {
         "method": "jbda",
-        "params": {"seed_size": 100, "lambda": 0.1, "tau": 3, "epochs_per_round": 10},
+        "params": {"seed_size": JBDA_SEED_SIZE, "lambda": 0.1, "tau": 3, "epochs_per_round": 10},
         "k": k,
         "queries_bought": result.queries_bought,
-        "queries_paid": paid,
-        "budget_exhausted": result.budget_exhausted,
-        "blocked": result.blocked,
+        **oracle.meter.report(),
+        "stopped_by": result.stopped_by,
         **evaluate_substitute(result.substitute, test, target_labels=target_labels),
         "train_seconds": round(result.train_seconds, 2),
         "seed": seed,
@@ -267,7 +330,8 @@ def simulate_benign(
     data_root: DataRoot = None,
 ) -> None:
     """Behave like a normal customer: natural images in random order, with repeats and
-    near-duplicates (a defence must not flag this client)."""
+    near-duplicates (a defence must not flag this client). Each run is a new session: it sends
+    (and pays for) its queries again, however often it is run with the same seed."""
     from attacker.oracle import Blocked, BudgetExhausted, HttpOracle, OracleError
     from mlcore.datasets import load_dataset
     from mlcore.streams import benign_stream
@@ -281,7 +345,11 @@ def simulate_benign(
         raise _fail(exc) from None
     x, truth = stream.images.numpy(), source.labels[stream.source].numpy()
     outcome, blocked = "answered every query", False
-    with HttpOracle(url, api_key, model, batch_size=request_size) as oracle:  # no cache: re-send
+    # No answer cache, and request ids of this run only (retries inside it keep theirs): a
+    # detector must see every query a benign client sends, however often it is run.
+    with HttpOracle(
+        url, api_key, model, batch_size=request_size, request_nonce=secrets.token_hex(8)
+    ) as oracle:
         try:
             answers = oracle.predict_labels(x)
         except (Blocked, BudgetExhausted) as exc:
@@ -289,10 +357,12 @@ def simulate_benign(
         except OracleError as exc:
             raise _fail(exc) from None
     answered = answers >= 0
+    meter = oracle.meter.report()
     console.print(
         f"benign client sent {int(answered.sum())} of {queries} queries "
         f"({int(stream.repeated.sum())} repeats); {outcome}; the target's answers were right on "
-        f"{(answers[answered] == truth[answered]).mean():.2%} of them"
+        f"{(answers[answered] == truth[answered]).mean():.2%} of them; queries_paid "
+        f"{meter['queries_paid']}, queries_replayed {meter['queries_replayed']}"
     )
     if blocked:
         raise typer.Exit(code=3)
@@ -314,9 +384,11 @@ def extract(
     data_root: DataRoot = None,
     eval_api_key: EvalKey = None,
     cache: CachePath = DEFAULT_CACHE,
+    shared_cache: SharedCache = None,
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("substitute.pt"),
 ) -> None:
-    """Buy the selected labels and train a substitute; save it as a checkpoint."""
+    """Buy the selected labels and train a substitute; save it as a checkpoint. A 402 or 403
+    part-way keeps the labels bought, trains on them and says so (``stopped_by``)."""
     from attacker.oracle import OracleError
     from attacker.selection import Selection
     from mlcore.checkpoints import save_checkpoint
@@ -329,8 +401,10 @@ def extract(
         labels = _target_labels(url, eval_api_key, model, cache, test_set)
         result, run = _extract_and_evaluate(
             url=url, api_key=api_key, model=model, pool=pool, selection=selection, test=test_set, arch=arch,
-            epochs=epochs, batch_size=batch_size, seed=seed, cache=cache, target_labels=labels,
+            epochs=epochs, batch_size=batch_size, seed=seed, cache=cache, shared_cache=shared_cache,
+            target_labels=labels,
         )  # fmt: skip
+        run["shared_cache"] = None if shared_cache is None else str(shared_cache)
     except (OracleError, ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from None
     save_checkpoint(
@@ -342,6 +416,7 @@ def extract(
         metrics=run,
     )
     _print_runs([run])
+    _warn_stopped(run["stopped_by"])
     console.print(f"substitute -> {output}")
 
 
@@ -384,11 +459,17 @@ def _transfer_step(
     seed: int,
     noise_baseline: bool,
     cache: Path,
+    shared_cache: Path | None,
+    send_all: bool = False,
 ) -> dict[str, Any]:
-    """Craft on the substitute, send what fools it to the target; returns the summary."""
+    """Craft on the substitute, send what fools it (or everything) to the target; returns the
+    summary."""
     from attacker.transfer import transfer_attack
 
-    with _progress() as progress, _oracle(url, api_key, model, cache) as oracle:
+    with (
+        _progress() as progress,
+        _oracle(url, api_key, model, cache, shared_cache=shared_cache) as oracle,
+    ):
         tasks: dict[str, Any] = {}
 
         def on_progress(stage: str, done: int, total: int) -> None:
@@ -405,10 +486,13 @@ def _transfer_step(
             seeds=seeds,
             seed=seed,
             noise_baseline=noise_baseline,
+            send_all=send_all,
             progress=on_progress,
         )
     summary = result.summary()
-    summary.update(url=url, model=model)
+    summary.update(
+        url=url, model=model, shared_cache=None if shared_cache is None else str(shared_cache)
+    )
     return summary
 
 
@@ -432,9 +516,24 @@ def _print_transfer(summary: dict[str, Any]) -> None:
         f"{summary['sent']} + {summary['noise_queries']}",
     )
     Console().print(table)
-    if summary["budget_exhausted"] or summary["blocked"]:
-        why = "budget exhausted" if summary["budget_exhausted"] else "blocked by the service"
-        console.print(f"[yellow]{why}: figures cover what was sent before that[/yellow]")
+    console.print(
+        f"queries_paid {summary['queries_paid']}, queries_replayed {summary['queries_replayed']}, "
+        f"queries_from_cache {summary['queries_from_cache']}"
+    )
+    if summary["transferability_all"] is not None:
+        console.print(
+            f"over every crafted example (the paper's definition): "
+            f"{summary['transferability_all']:.2%}"
+        )
+    _warn_stopped(summary["stopped_by"], "figures cover what was sent before that")
+
+
+def _warn_stopped(
+    stopped_by: str | None, consequence: str = "trained on the labels bought"
+) -> None:
+    if stopped_by is not None:
+        why = "budget exhausted" if stopped_by == "budget" else "blocked by the service"
+        console.print(f"[yellow]{why}: {consequence}[/yellow]")
 
 
 @app.command()
@@ -483,7 +582,16 @@ def transfer(
             "counted as noise_queries) to measure the baseline."
         ),
     ] = True,
+    send_all: Annotated[
+        bool,
+        typer.Option(
+            help="The paper's protocol: seeds are random test images and every crafted example "
+            "is sent (costs more queries), giving transferability_all beside our conditional "
+            "transferability."
+        ),
+    ] = False,
     cache: CachePath = DEFAULT_CACHE,
+    shared_cache: SharedCache = None,
     report_dir: Annotated[
         Path, typer.Option(help="Where transfer.json / transfer.md / plots go.")
     ] = Path("reports"),
@@ -504,7 +612,7 @@ def transfer(
         summary = _transfer_step(
             url=url, api_key=api_key, model=model, substitute=checkpoint.model, seed_set=seed_set,
             attack=attack, targeted=targeted, seeds=seeds, seed=seed,
-            noise_baseline=noise_baseline, cache=cache,
+            noise_baseline=noise_baseline, cache=cache, shared_cache=shared_cache, send_all=send_all,
         )  # fmt: skip
     except (OracleError, CheckpointError, ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from None
@@ -538,6 +646,7 @@ def run(
     data_root: DataRoot = None,
     eval_api_key: EvalKey = None,
     cache: CachePath = DEFAULT_CACHE,
+    shared_cache: SharedCache = None,
     report_dir: Annotated[Path, typer.Option(help="Where report.json / report.md go.")] = Path(
         "reports"
     ),
@@ -559,7 +668,10 @@ def run(
     ] = True,
 ) -> None:
     """Select, extract and evaluate for each method and budget, then (unless --no-transfer)
-    attack the target with PGD examples crafted on the last substitute; write a report."""
+    attack the target with PGD examples crafted on the last substitute; write a report.
+
+    Every option is checked before the first label is bought. A 402 or 403 part-way keeps the
+    labels bought, trains on them, reports ``stopped_by`` and ends the extraction runs."""
     from attacker.oracle import OracleError
     from attacker.report import write_report
     from attacker.transfer import attach_to_run_report
@@ -569,50 +681,63 @@ def run(
     methods, budgets = method or ["drmi"], sorted(k or [300])
     runs: list[dict[str, Any]] = []
     substitute = None
-    try:  # a bad transfer option must fail before any label is bought
+    try:  # every option, before any label is bought
+        _check_url(url)
+        _check_key("--api-key", api_key)
+        if eval_api_key is not None:
+            _check_key("--eval-api-key", eval_api_key)
+            if eval_api_key == api_key:
+                raise ValueError("--eval-api-key must differ from --api-key (evaluation would "
+                                 "spend the attack's budget and show in its query stream)")  # fmt: skip
         attack = _make_attack(
             targeted=transfer_targeted, eps=transfer_eps, norm=transfer_norm, steps=40,
             step_size=None, random_start=True, early_stop=False, seed=seed,
         )  # fmt: skip
-    except ValueError as exc:
+        if data_root is not None and not data_root.is_dir():
+            raise ValueError(f"--data-root {str(data_root)!r} is not a folder")
+        pool_set = load_dataset(pool, data_root=data_root)
+        test_set = load_dataset(test, data_root=data_root)
+        plan = _plan_runs(
+            methods, budgets, pool_size=len(pool_set),
+            params=lambda name: _selector_params(
+                name, alpha=alpha, init=init, bins=bins, starts=starts, seed=seed
+            ),
+        )  # fmt: skip
+        _check_writable("--report-dir", report_dir, folder=True)
+        _check_writable("--cache", cache)
+        if shared_cache is not None:
+            _check_writable("--shared-cache", shared_cache)
+    except (ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from None
     try:
-        test_set = load_dataset(test, data_root=data_root)
         labels = _target_labels(url, eval_api_key, model, cache, test_set)
-        for method_name in methods:
-            for budget in budgets:
-                if method_name == "jbda":  # synthesises its queries: no selection step
-                    result, record = _jbda_and_evaluate(
-                        url=url, api_key=api_key, model=model, pool=load_dataset(pool, data_root=data_root),
-                        k=budget, test=test_set, arch=arch, seed=seed, cache=cache, target_labels=labels,
-                    )  # fmt: skip
-                else:
-                    params = _selector_params(
-                        method_name, alpha=alpha, init=init, bins=bins, starts=starts, seed=seed
-                    )
-                    pool_set, selection, select_seconds = _select(
-                        pool, data_root, method_name, budget, params
-                    )
-                    result, record = _extract_and_evaluate(
-                        url=url, api_key=api_key, model=model, pool=pool_set, selection=selection, test=test_set,
-                        arch=arch, epochs=epochs, batch_size=batch_size, seed=seed, cache=cache, target_labels=labels,
-                    )  # fmt: skip
-                    record["select_seconds"] = round(select_seconds, 2)
-                runs.append(record)
-                substitute = result.substitute
-                name = f"substitute-{method_name}-k{budget}.pt"
-                save_checkpoint(
-                    report_dir / name,
-                    result.substitute,
-                    arch=arch,
-                    arch_kwargs=result.arch_kwargs,
-                    dataset=pool,
-                    metrics=record,
-                )
-                if result.budget_exhausted or result.blocked:
-                    why = "blocked by the service" if result.blocked else "budget exhausted"
-                    console.print(f"[yellow]{why}: stopping here[/yellow]")
-                    break
+        for method_name, budget, params in plan:
+            common: dict[str, Any] = dict(
+                url=url, api_key=api_key, model=model, test=test_set, arch=arch, seed=seed,
+                cache=cache, shared_cache=shared_cache, target_labels=labels,
+            )  # fmt: skip
+            if params is None:  # JbDA synthesises its queries: no selection step
+                result, record = _jbda_and_evaluate(pool=pool_set, k=budget, **common)
+            else:
+                _, selection, select_seconds = _select(pool, data_root, method_name, budget, params)
+                result, record = _extract_and_evaluate(
+                    pool=pool_set, selection=selection, epochs=epochs, batch_size=batch_size,
+                    **common,
+                )  # fmt: skip
+                record["select_seconds"] = round(select_seconds, 2)
+            runs.append(record)
+            substitute = result.substitute
+            save_checkpoint(
+                report_dir / f"substitute-{method_name}-k{budget}.pt",
+                result.substitute,
+                arch=arch,
+                arch_kwargs=result.arch_kwargs,
+                dataset=pool,
+                metrics=record,
+            )
+            if result.stopped_by is not None:
+                _warn_stopped(result.stopped_by, "trained on the labels bought; stopping here")
+                break
     except (OracleError, ValueError, FileNotFoundError) as exc:
         if not runs:
             raise _fail(exc) from None
@@ -625,6 +750,7 @@ def run(
         "arch": arch,
         "epochs": epochs,
         "batch_size": batch_size,
+        "shared_cache": None if shared_cache is None else str(shared_cache),
     }
     path = write_report(report_dir, runs, meta)
     _print_runs(runs)
@@ -634,7 +760,7 @@ def run(
             summary = _transfer_step(
                 url=url, api_key=api_key, model=model, substitute=substitute, seed_set=test_set,
                 attack=attack, targeted=transfer_targeted, seeds=transfer_seeds, seed=seed,
-                noise_baseline=transfer_noise_baseline, cache=cache,
+                noise_baseline=transfer_noise_baseline, cache=cache, shared_cache=shared_cache,
             )  # fmt: skip
         except (OracleError, ValueError) as exc:
             console.print(f"[red]transfer step failed:[/red] {exc}")
@@ -645,8 +771,43 @@ def run(
     console.print(f"report -> {path} (and report.md)")
 
 
+def _plan_runs(
+    methods: list[str],
+    budgets: list[int],
+    *,
+    pool_size: int,
+    params: Callable[[str], dict[str, Any]],
+) -> list[tuple[str, int, dict[str, Any] | None]]:
+    """(method, k, selector params, None for JbDA) for every run, each checked: the method is
+    known, its parameters build a selector, and k fits the method and the pool."""
+    from attacker.selection import SELECTORS, make_selector
+
+    known = sorted([*SELECTORS, "jbda"])
+    plan: list[tuple[str, int, dict[str, Any] | None]] = []
+    for name in methods:
+        if name not in known:
+            raise ValueError(f"unknown method {name!r}; known: {', '.join(known)}")
+        chosen = None if name == "jbda" else params(name)
+        if chosen is not None:
+            make_selector(name, **chosen)  # raises ValueError naming a bad parameter
+        for budget in budgets:
+            if name == "jbda" and budget < JBDA_SEED_SIZE:
+                raise ValueError(
+                    f"--k for jbda must be at least {JBDA_SEED_SIZE} (its seed images), got {budget}"
+                )
+            if name != "jbda" and not 1 <= budget <= pool_size:
+                raise ValueError(
+                    f"--k for {name} must be in 1..{pool_size} (the pool size), got {budget}"
+                )
+            plan.append((name, budget, chosen))
+    return plan
+
+
 def _print_runs(runs: list[dict[str, Any]]) -> None:
-    table = Table("method", "k", "bought", "paid", "substitute accuracy", "agreement with target")
+    table = Table(
+        "method", "k", "bought", "paid", "replayed", "from cache", "stopped by",
+        "substitute accuracy", "agreement with target",
+    )  # fmt: skip
     for record in runs:
         agreement = (
             "n/a (no --eval-api-key)"
@@ -658,6 +819,9 @@ def _print_runs(runs: list[dict[str, Any]]) -> None:
             str(record["k"]),
             str(record["queries_bought"]),
             str(record["queries_paid"]),
+            str(record["queries_replayed"]),
+            str(record["queries_from_cache"]),
+            record["stopped_by"] or "-",
             f"{record['substitute_accuracy']:.2%}",
             agreement,
         )

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacker.oracle import BudgetExhausted, LabelOracle
+from attacker.oracle import LabelOracle, buy
 from mlcore.architectures import build_model
 from mlcore.datasets import ImageDataset
 from mlcore.training import Progress, accuracy, fit, predict_labels, seed_everything
@@ -31,22 +31,21 @@ class ExtractionResult:
     labels: np.ndarray  # the labels bought for them
     queries_bought: int
     train_seconds: float
-    budget_exhausted: bool = False
-    blocked: bool = False  # a detector blocked the client mid-way (labels so far are kept)
+    # "budget" (402) or "blocked" (403) when the service stopped the purchase part-way (the
+    # labels bought until then are kept and trained on); None when every label was bought
+    stopped_by: str | None = None
     metrics: dict[str, float | None] = field(default_factory=dict)
 
 
 def buy_labels(
     oracle: LabelOracle, pool: ImageDataset, indices: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Labels for ``pool[indices]``; on a 402 keep what was bought and say so."""
-    images = pool.images[torch.as_tensor(indices)].numpy()
-    try:
-        return indices, oracle.predict_labels(images), False
-    except BudgetExhausted as exc:
-        bought = exc.labels >= 0
-        logger.warning("%s; training on the %d labels bought", exc, int(bought.sum()))
-        return indices[bought], exc.labels[bought], True
+) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """Labels for ``pool[indices]``: (indices bought, their labels, what stopped the purchase)."""
+    purchase = buy(oracle, pool.images[torch.as_tensor(indices)].numpy())
+    bought = purchase.bought
+    if purchase.stopped_by is not None:
+        logger.warning("training on the %d labels bought", int(bought.sum()))
+    return indices[bought], purchase.labels[bought], purchase.stopped_by
 
 
 def train_substitute(
@@ -95,7 +94,7 @@ def extract(
 ) -> ExtractionResult:
     """Buy labels for ``pool[indices]`` from ``oracle`` and train a substitute on them."""
     indices = np.asarray(indices, dtype=np.int64)
-    used, labels, exhausted = buy_labels(oracle, pool, indices)
+    used, labels, stopped_by = buy_labels(oracle, pool, indices)
     model, arch_kwargs, seconds = train_substitute(
         pool,
         used,
@@ -106,7 +105,7 @@ def extract(
         seed=seed,
         progress=progress,
     )
-    return ExtractionResult(model, arch, arch_kwargs, used, labels, len(used), seconds, exhausted)
+    return ExtractionResult(model, arch, arch_kwargs, used, labels, len(used), seconds, stopped_by)
 
 
 def evaluate_substitute(

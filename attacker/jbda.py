@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from attacker.extraction import ExtractionResult
-from attacker.oracle import Blocked, BudgetExhausted, LabelOracle
+from attacker.oracle import LabelOracle, buy
 from attacker.selection import RandomSelector
 from mlcore.architectures import build_model
 from mlcore.datasets import ImageDataset
@@ -73,7 +73,7 @@ def jbda_extract(
     arch_kwargs = {"in_channels": pool.input_shape[0], "num_classes": pool.num_classes}
     images = pool.images[torch.as_tensor(seeds)].float().div(255.0)
     started = time.perf_counter()
-    images, labels, stop = _buy(oracle, images)
+    images, labels, stopped_by = _buy(oracle, images)
     round_index = 0
     while True:
         seed_everything(seed + round_index)
@@ -87,12 +87,12 @@ def jbda_extract(
             seed=seed + round_index,
         )
         room = k - len(images)
-        if room <= 0 or stop is not None:
+        if room <= 0 or stopped_by is not None:
             break
         lam_r = -lam if round_index < tau else lam
         parents = torch.arange(len(images))[:room]
         synthetic = jacobian_step(model, images[parents], labels[parents], lam_r)
-        synthetic, new_labels, stop = _buy(oracle, synthetic)
+        synthetic, new_labels, stopped_by = _buy(oracle, synthetic)
         images = torch.cat([images, synthetic])
         labels = torch.cat([labels, new_labels])
         round_index += 1
@@ -107,22 +107,15 @@ def jbda_extract(
         labels=labels.numpy(),
         queries_bought=len(images),
         train_seconds=time.perf_counter() - started,
-        budget_exhausted=isinstance(stop, BudgetExhausted),
-        blocked=isinstance(stop, Blocked),
+        stopped_by=stopped_by,
     )
 
 
 def _buy(
     oracle: LabelOracle, images: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, BudgetExhausted | Blocked | None]:
-    """Labels for float ``images``; on a 402/403 keep the images that were answered and return
-    the refusal, so the caller trains on what it has and stops."""
-    try:
-        return (
-            images,
-            torch.as_tensor(oracle.predict_labels(images.numpy().astype(np.float32))),
-            None,
-        )
-    except (BudgetExhausted, Blocked) as exc:
-        bought = torch.as_tensor(exc.labels) >= 0
-        return images[bought], torch.as_tensor(exc.labels)[bought], exc
+) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    """Labels for float ``images``, keeping only the images answered, and what stopped the
+    purchase (None, "budget" or "blocked"), so the caller trains on what it has and stops."""
+    purchase = buy(oracle, images.numpy().astype(np.float32))
+    bought = torch.as_tensor(purchase.bought)
+    return images[bought], torch.as_tensor(purchase.labels)[bought], purchase.stopped_by

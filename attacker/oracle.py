@@ -1,7 +1,10 @@
 """Oracles: the victim as the attacker sees it, a narrow ``predict_labels`` protocol.
 
 ``HttpOracle`` buys labels from a target service over HTTP; ``LocalOracle`` answers from a
-checkpoint, for experiments without a server. Errors form one hierarchy:
+checkpoint, for experiments without a server. Each keeps a ``Meter`` of what its answers cost,
+taken from the server's own ``charged`` figures. ``buy`` is the one way every attack buys labels:
+it never loses a label bought, spends what is left of the budget after a 402 and says what
+stopped it. Errors form one hierarchy:
 
     OracleError
     ├── BudgetExhausted    402: the budget cannot pay for the next batch (labels so far kept)
@@ -18,8 +21,9 @@ import random
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import httpx2
 import numpy as np
@@ -63,30 +67,70 @@ class OracleUnavailable(OracleError):
     """The service kept failing (429, 5xx or network) after every retry."""
 
 
+@dataclass
+class Meter:
+    """What an oracle's answers cost. Only ``paid`` spent budget: it is the sum of the server's
+    own ``charged`` figures. ``replayed``: images answered from a stored answer to a repeated
+    ``request_id`` (the server charged 0); ``from_cache``: labels read from the local answer
+    cache, never asked for."""
+
+    paid: int = 0
+    replayed: int = 0
+    from_cache: int = 0
+
+    def report(self, since: Meter | None = None) -> dict[str, int]:
+        """The report fields ``queries_paid``, ``queries_replayed``, ``queries_from_cache``,
+        counted from the ``since`` snapshot (a copy taken earlier) when one is given."""
+        start = since or Meter()
+        return {
+            "queries_paid": self.paid - start.paid,
+            "queries_replayed": self.replayed - start.replayed,
+            "queries_from_cache": self.from_cache - start.from_cache,
+        }
+
+    def snapshot(self) -> Meter:
+        return Meter(self.paid, self.replayed, self.from_cache)
+
+
 class LabelOracle(Protocol):
+    meter: Meter
+    queries_remaining: int | None  # the service's last word on the budget left, if any
+
     def predict_labels(self, images: np.ndarray) -> np.ndarray:
         """uint8 images (n, C, H, W) -> int64 labels (n,)."""
         ...
 
 
 class LocalOracle:
-    """Answers from a model in this process; counts queries like a service would."""
+    """Answers from a model in this process; every image is paid for, as a service would charge."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model.eval()
-        self.queries = 0
+        self.meter = Meter()
+        self.queries_remaining: int | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> LocalOracle:
         return cls(load_checkpoint(path).model)
 
     def predict_labels(self, images: np.ndarray) -> np.ndarray:
-        self.queries += len(images)
+        self.meter.paid += len(images)
         return predict_labels(self.model, torch.from_numpy(np.ascontiguousarray(images))).numpy()
 
 
+def cache_namespace(url: str, model: str, api_key: str | None) -> str:
+    """The answer cache's namespace: per target and, unless ``api_key`` is None (a cache shared
+    between accounts), per account, by a hash of its key (the key itself is never stored)."""
+    target = f"{url.rstrip('/')}|{model}"
+    if api_key is None:
+        return target
+    return f"{target}|account:{hashlib.sha256(api_key.encode()).hexdigest()}"
+
+
 class AnswerCache:
-    """Labels already bought, keyed by (target, image bytes), in SQLite: a re-run never pays twice."""
+    """Labels already bought, keyed by (namespace, image bytes), in SQLite: a re-run never pays
+    twice. The namespace (``cache_namespace``) keeps one account from reusing another's labels
+    unless the cache is explicitly shared."""
 
     def __init__(self, path: str | Path, namespace: str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -120,8 +164,13 @@ class AnswerCache:
 class HttpOracle:
     """Buys labels over HTTP in batches, with retries that never pay twice.
 
-    Each batch carries a ``request_id`` derived from its content, so a retry after a lost answer
-    (or a crash of either side) gets the stored answer back instead of being charged again.
+    Each batch carries a ``request_id`` derived from its content (and ``request_nonce``), so a
+    retry after a lost answer (or a crash of either side) gets the stored answer back instead of
+    being charged again; a client that means to pay again for the same images (a benign user
+    re-sending them in a new session) gives each session its own nonce.
+
+    The answer cache (``cache_path``) is scoped to this API key unless ``shared_cache`` is set:
+    reusing labels another account paid for is a deliberate (Sybil) strategy, never a default.
     """
 
     def __init__(
@@ -137,6 +186,8 @@ class HttpOracle:
         timeout: float = 60.0,
         client: httpx2.Client | None = None,
         on_batch: Callable[[int], None] | None = None,  # told how many labels each step settled
+        shared_cache: bool = False,
+        request_nonce: str = "",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -146,11 +197,13 @@ class HttpOracle:
         self.batch_size, self.max_retries, self.backoff = batch_size, max_retries, backoff
         self._client = client or httpx2.Client(base_url=self.url, timeout=timeout)
         self._headers = {"Authorization": f"Bearer {api_key}"}
-        self._cache = AnswerCache(cache_path, f"{self.url}|{model}") if cache_path else None
+        namespace = cache_namespace(self.url, model, None if shared_cache else api_key)
+        self._cache = AnswerCache(cache_path, namespace) if cache_path else None
         self._on_batch = on_batch
-        self.queries_bought = 0
-        self.cache_hits = 0
+        self._nonce = request_nonce
+        self.meter = Meter()
         self.queries_remaining: int | None = None
+        self._last_used: int | None = None  # the server's queries_used in its latest charge
 
     def close(self) -> None:
         self._client.close()
@@ -174,7 +227,7 @@ class HttpOracle:
                 if key in cached:
                     labels[i] = cached[key]
             missing = np.flatnonzero(labels < 0)
-            self.cache_hits += len(images) - len(missing)
+            self.meter.from_cache += len(images) - len(missing)
             if self._on_batch is not None and len(missing) < len(images):
                 self._on_batch(len(images) - len(missing))
         for start in range(0, len(missing), self.batch_size):
@@ -195,7 +248,7 @@ class HttpOracle:
 
     def _buy(self, batch: np.ndarray) -> np.ndarray:
         request_id = hashlib.sha256(
-            f"{self.model}|{batch.shape}".encode() + batch.tobytes()
+            f"{self._nonce}{self.model}|{batch.shape}".encode() + batch.tobytes()
         ).hexdigest()[:40]
         body = {"inputs": encode_tensor(batch).model_dump(), "request_id": request_id}
         path = f"/v1/models/{self.model}/predict"
@@ -206,10 +259,7 @@ class HttpOracle:
                 problem = f"network error: {exc!r}"
             else:
                 if response.status_code == 200:
-                    payload = response.json()
-                    self.queries_bought += len(batch)
-                    self.queries_remaining = payload.get("queries_remaining")
-                    return np.asarray(payload["labels"], dtype=np.int64)
+                    return self._settle(response.json(), len(batch), retried=attempt > 0)
                 message = _error_message(response)
                 if response.status_code == 402:
                     raise BudgetExhausted(f"budget exhausted: {message}", np.empty(0, np.int64))
@@ -225,6 +275,38 @@ class HttpOracle:
             time.sleep(delay)
         raise AssertionError("unreachable")
 
+    def _settle(self, payload: dict, images: int, *, retried: bool) -> np.ndarray:
+        """Labels of a 200 answer; the meter takes the server's own figures.
+
+        ``charged`` is what this request cost. A replay (``charged`` 0) that answers a retry is
+        the one case where the charge belongs to an answer we lost: the server charged our
+        earlier attempt. Its ``queries_used`` (the meter right after that charge) tells: above
+        the last figure this oracle saw, the charge happened during this run, so it is paid;
+        otherwise an earlier run paid it and it is a replay.
+        """
+        try:
+            charged, used, labels = (
+                int(payload["charged"]),
+                int(payload["queries_used"]),
+                payload["labels"],
+            )
+        except (KeyError, TypeError, ValueError):
+            raise OracleRejected(
+                "the service's answer lacks the charged / queries_used / labels figures: "
+                f"{str(payload)[:200]}"
+            ) from None
+        lost_answer = (
+            charged == 0 and retried and (self._last_used is None or used > self._last_used)
+        )
+        if lost_answer:
+            charged = images
+        self.meter.paid += charged
+        self.meter.replayed += images - charged
+        if charged:
+            self._last_used = max(used, self._last_used or 0)
+            self.queries_remaining = payload.get("queries_remaining")
+        return np.asarray(labels, dtype=np.int64)
+
 
 def _error_message(response: httpx2.Response) -> str:
     try:
@@ -232,3 +314,68 @@ def _error_message(response: httpx2.Response) -> str:
         return f"{error['code']}: {error['message']}"
     except (ValueError, KeyError, TypeError):
         return response.text[:200]
+
+
+@dataclass
+class Purchase:
+    """What ``buy`` got: one label per image (-1 where none was bought) and what stopped it."""
+
+    labels: np.ndarray
+    stopped_by: Literal["budget", "blocked"] | None = None
+    message: str | None = None
+
+    @property
+    def bought(self) -> np.ndarray:
+        return self.labels >= 0
+
+
+def buy(oracle: LabelOracle, images: np.ndarray) -> Purchase:
+    """Labels for ``images``, the budget/stop behaviour of every attack: a 402 or 403 never
+    loses a label already bought; after a 402 what is left of the budget is spent on the first
+    images still unlabelled; then the purchase stops and says why (``stopped_by``)."""
+    labels, problem = _ask(oracle, images)
+    if isinstance(problem, BudgetExhausted):
+        problem = _spend_the_rest(oracle, images, labels) or problem
+    if problem is None:
+        return Purchase(labels)
+    stopped_by: Literal["budget", "blocked"] = (
+        "budget" if isinstance(problem, BudgetExhausted) else "blocked"
+    )
+    logger.warning(
+        "%s: stopped with %d of %d labels", problem, int((labels >= 0).sum()), len(images)
+    )
+    return Purchase(labels, stopped_by, str(problem))
+
+
+def _ask(oracle: LabelOracle, images: np.ndarray) -> tuple[np.ndarray, OracleError | None]:
+    """Labels for ``images`` (-1 where none was bought) and the 402/403 that stopped it, if any."""
+    try:
+        return np.asarray(oracle.predict_labels(images), dtype=np.int64), None
+    except (BudgetExhausted, Blocked) as exc:
+        labels = np.full(len(images), -1, dtype=np.int64)
+        got = np.asarray(exc.labels, dtype=np.int64)[: len(images)]
+        labels[: len(got)] = got
+        return labels, exc
+
+
+def _spend_the_rest(
+    oracle: LabelOracle, images: np.ndarray, labels: np.ndarray
+) -> OracleError | None:
+    """After a 402 on ``images``, buy labels (in place) for as many of them, first ones first,
+    as the budget still pays for. The service refuses a whole batch it cannot pay for and a
+    refusal costs nothing, so: ask for what the oracle says is left, or halve until one fits."""
+    todo = np.flatnonzero(labels < 0)
+    size = len(todo) // 2
+    while len(todo) and size >= 1:
+        left = oracle.queries_remaining
+        if isinstance(left, int) and not isinstance(left, bool):
+            if left <= 0:
+                break
+            size = min(size, left)
+        labels[todo[:size]], problem = _ask(oracle, images[todo[:size]])
+        todo = np.flatnonzero(labels < 0)
+        if isinstance(problem, Blocked):
+            return problem
+        if problem is not None:
+            size //= 2
+    return None

@@ -33,6 +33,9 @@ def write_report(report_dir: str | Path, runs: list[dict[str, Any]], meta: dict[
         "k",
         "queries_bought",
         "queries_paid",
+        "queries_replayed",
+        "queries_from_cache",
+        "stopped_by",
         "substitute_accuracy",
         "agreement",
         "train_seconds",
@@ -41,9 +44,20 @@ def write_report(report_dir: str | Path, runs: list[dict[str, Any]], meta: dict[
         f"# Extraction report: {meta.get('model', '?')} at {meta.get('url', 'local')}",
         "",
         f"Pool `{meta.get('pool')}`, substitute `{meta.get('arch')}`, test set `{meta.get('test')}`.",
-        "`queries_bought` = labels the substitute learnt from; `queries_paid` = new charges in this"
-        " run (labels already in the answer cache are free).",
+        "`queries_bought` = labels the substitute learnt from; `queries_paid` = queries the"
+        " service charged this API key in this run (its own `charged` figures);"
+        " `queries_replayed` = answers to a repeated request id (charged 0);"
+        " `queries_from_cache` = labels from the local answer cache (never asked for);"
+        " `stopped_by` = budget (402) or blocked (403) when the service stopped a purchase.",
         "",
+    ]
+    if meta.get("shared_cache"):
+        lines += [
+            f"**Shared answer cache** `{meta['shared_cache']}`: labels other accounts paid for"
+            " were reused (a Sybil strategy), so `queries_paid` understates what the labels cost.",
+            "",
+        ]
+    lines += [
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
     ]

@@ -86,6 +86,10 @@ class PredictRequest(_Strict):
 
 
 class _Usage(_Strict):
+    """The client's meter after this request. ``charged``: queries this request was charged
+    (one per image; 0 when a repeated ``request_id`` replays a stored answer)."""
+
+    charged: int
     queries_used: int
     queries_remaining: int
 

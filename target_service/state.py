@@ -276,7 +276,8 @@ class StateStore:
 
     # -- charging ----------------------------------------------------------------------------
     def replay(self, client_id: str, request_id: str, fingerprint: str) -> dict[str, Any] | None:
-        """The stored answer of an already charged request_id, or None if it is new."""
+        """The stored answer of an already charged request_id (``charged`` 0: this request
+        costs nothing), or None if it is new."""
         with self._lock:
             row = self._db.execute(
                 "SELECT fingerprint, response FROM idempotency WHERE client_id = ? AND request_id = ?",
@@ -289,7 +290,7 @@ class StateStore:
                 f"request_id {echo(request_id)} was already used for a different request",
                 code="request_id_reused",
             )
-        return json.loads(row["response"])
+        return _replayed(row["response"])
 
     def charge(
         self,
@@ -304,7 +305,8 @@ class StateStore:
     ) -> Charge:
         """Atomically charge ``images`` queries and record the answer, or raise BudgetExhausted.
 
-        ``response`` gets ``queries_used`` / ``queries_remaining`` filled in from the charge.
+        ``response`` gets ``charged`` / ``queries_used`` / ``queries_remaining`` filled in from
+        the charge (a replay of it says ``charged: 0``).
         ``observation`` (the request's images) goes into the query log with the answered labels.
         """
         now = time.time()
@@ -324,7 +326,7 @@ class StateStore:
                                 f"request_id {echo(request_id)} was already used for a different request",
                                 code="request_id_reused",
                             )
-                        return Charge(json.loads(stored["response"]), replayed=True)
+                        return Charge(_replayed(stored["response"]), replayed=True)
                 row = self._db.execute(
                     "UPDATE clients SET used = used + ? WHERE client_id = ? AND revoked = 0"
                     " AND used + ? <= budget RETURNING used, budget",
@@ -335,6 +337,7 @@ class StateStore:
                     return self._refuse(client_id, images)
                 response = {
                     **response,
+                    "charged": images,
                     "queries_used": row["used"],
                     "queries_remaining": row["budget"] - row["used"],
                 }
@@ -748,6 +751,11 @@ def _job(row: sqlite3.Row) -> dict[str, Any]:
     job["spec"] = json.loads(row["spec"])
     job["metrics"] = json.loads(row["metrics"]) if row["metrics"] else None
     return job
+
+
+def _replayed(stored: str) -> dict[str, Any]:
+    """A stored answer as its replay: the same labels and meter, and nothing charged for it."""
+    return {**json.loads(stored), "charged": 0}
 
 
 def _client(row: sqlite3.Row) -> Client:

@@ -1,7 +1,8 @@
 """Transfer attacks: PGD adversarial examples crafted on the substitute and sent to the target.
 
 - ``pgd``: our own PGD (L-inf / L2, targeted / untargeted) with validated parameters.
-- ``evaluation``: seeds, crafting, sending what fools the substitute, the noise baseline.
+- ``evaluation``: seeds, crafting, sending what fools the substitute (or, as the paper, every
+  example), the noise baseline.
 - ``report``: ``transfer.json``, ``transfer.md``, ``confusion.png``, ``success_vs_queries.png``.
 """
 
@@ -15,6 +16,7 @@ from attacker.transfer.evaluation import (
     noise_like,
     perturbation_norms,
     quantize,
+    random_seeds,
     transfer_attack,
 )
 from attacker.transfer.pgd import NORMS, PGD, project
@@ -34,6 +36,7 @@ __all__ = [
     "perturbation_norms",
     "project",
     "quantize",
+    "random_seeds",
     "transfer_attack",
     "write_transfer_report",
 ]

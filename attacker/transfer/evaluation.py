@@ -11,14 +11,22 @@ The procedure, as the paper runs it:
    example stays inside the eps-ball) and judged on the substitute *after* quantisation.
 3. Only the examples that fool the substitute are sent to the target; each costs one query.
    Success on the target: it says the target class (targeted) or anything but the seed's true
-   label (untargeted). ``transferability`` = successes / examples sent.
+   label (untargeted). ``transferability`` = successes / examples sent: a *conditional* rate
+   (seeds the substitute gets right, examples that fool it).
+
+``send_all=True`` is the paper's own protocol (Section 5.3: examples crafted from N random test
+images, success counted over all of them): seeds are random test images, *every* crafted
+example is sent, and ``transferability_all`` = successes / all examples sent. The conditional
+``transferability`` is then measured on the subset of the same examples that meets its
+conditions, so both figures come from one set of queries.
 4. Noise baseline (optional, each probe also costs one query and is counted apart as
    ``noise_queries``): for every example sent, the same seed plus random noise of the same size
    (same L-inf or L2 norm as that example's perturbation, random signs / direction, clipped to
    [0, 1]), judged by the same rule. It is sent after all the examples, so a budget that runs
    out costs the baseline, not the attack.
 
-A 402 (budget) or 403 (blocked) stops the step cleanly: the result covers what was sent. Other
+A 402 (budget) or 403 (blocked) stops the step cleanly (``attacker.oracle.buy``: what is left
+of the budget is spent first): the result covers what was sent, ``stopped_by`` says why. Other
 oracle errors propagate; the HTTP oracle's answer cache means a re-run does not pay again.
 """
 
@@ -27,14 +35,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from attacker.oracle import Blocked, BudgetExhausted, LabelOracle, OracleError
+from attacker.oracle import LabelOracle, Purchase, buy
 from attacker.transfer.pgd import PGD
 from mlcore.datasets import ImageDataset
 from mlcore.training import predict_labels
@@ -48,6 +56,7 @@ __all__ = [
     "noise_like",
     "perturbation_norms",
     "quantize",
+    "random_seeds",
     "transfer_attack",
 ]
 
@@ -62,8 +71,7 @@ def choose_seeds(
 ) -> np.ndarray:
     """Indices (ascending) of ``n`` images of ``dataset`` that ``substitute`` classifies
     correctly, drawn at random with ``seed``; fewer (with a warning) if fewer qualify."""
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-        raise ValueError(f"number of seeds must be an integer >= 1, got {n!r}")
+    _check_seed_count(n)
     predicted = predict_labels(substitute, dataset.images).numpy()
     correct = np.flatnonzero(predicted == dataset.labels.numpy())
     if len(correct) == 0:
@@ -76,6 +84,19 @@ def choose_seeds(
         )
         return correct
     return np.sort(np.random.default_rng(seed).choice(correct, size=int(n), replace=False))
+
+
+def random_seeds(dataset: ImageDataset, n: int, *, seed: int = 0) -> np.ndarray:
+    """Indices (ascending) of ``n`` images of ``dataset`` drawn at random with ``seed``, whatever
+    any model says about them (the paper's seeds); all of them if it has fewer."""
+    _check_seed_count(n)
+    count = min(int(n), len(dataset))
+    return np.sort(np.random.default_rng(seed).choice(len(dataset), size=count, replace=False))
+
+
+def _check_seed_count(n: object) -> None:
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"number of seeds must be an integer >= 1, got {n!r}")
 
 
 def quantize(x: np.ndarray, adversarial: torch.Tensor) -> np.ndarray:
@@ -178,47 +199,6 @@ def craft(
     return Crafted(seed_row, source, target, adversarial, predicted, fooled, seconds)
 
 
-@dataclass
-class _Sent:
-    labels: np.ndarray  # the target's label per example; -1 where none was bought
-    stopped: str | None = None  # "budget" | "blocked"
-    message: str | None = None
-
-
-def _ask(oracle: LabelOracle, images: np.ndarray) -> tuple[np.ndarray, OracleError | None]:
-    """Labels for ``images`` (-1 where none was bought) and the 402/403 that stopped it, if any."""
-    try:
-        return np.asarray(oracle.predict_labels(images), dtype=np.int64), None
-    except (BudgetExhausted, Blocked) as exc:
-        labels = np.full(len(images), -1, dtype=np.int64)
-        got = np.asarray(exc.labels, dtype=np.int64)[: len(images)]
-        labels[: len(got)] = got
-        return labels, exc
-
-
-def _spend_the_rest(
-    oracle: LabelOracle, images: np.ndarray, labels: np.ndarray
-) -> OracleError | None:
-    """After a 402 on ``images``, buy labels (in place) for as many of them, first ones first,
-    as the budget still pays for. The service refuses a whole batch it cannot pay for and a
-    refusal costs nothing, so: ask for what the oracle says is left, or halve until one fits."""
-    todo = np.flatnonzero(labels < 0)
-    size = len(todo) // 2
-    while len(todo) and size >= 1:
-        left = getattr(oracle, "queries_remaining", None)
-        if isinstance(left, int) and not isinstance(left, bool):
-            if left <= 0:
-                break
-            size = min(size, left)
-        labels[todo[:size]], problem = _ask(oracle, images[todo[:size]])
-        todo = np.flatnonzero(labels < 0)
-        if isinstance(problem, Blocked):
-            return problem
-        if problem is not None:
-            size //= 2
-    return None
-
-
 def _send(
     oracle: LabelOracle,
     images: np.ndarray,
@@ -226,25 +206,19 @@ def _send(
     chunk: int,
     stage: str,
     progress: TransferProgress | None,
-) -> _Sent:
-    """Ask ``oracle`` for labels chunk by chunk; on a 402 spend what is left of the budget on
-    the refused chunk, then stop; on a 403 stop."""
-    result = _Sent(np.full(len(images), -1, dtype=np.int64))
+) -> Purchase:
+    """Buy labels chunk by chunk (so progress shows); stop at the first chunk a 402 or 403
+    stopped (``buy`` has then spent what was left of the budget)."""
+    labels = np.full(len(images), -1, dtype=np.int64)
     for start in range(0, len(images), chunk):
         stop = min(start + chunk, len(images))
-        labels, problem = _ask(oracle, images[start:stop])
-        if isinstance(problem, BudgetExhausted):
-            problem = _spend_the_rest(oracle, images[start:stop], labels) or problem
-        result.labels[start:stop] = labels
+        purchase = buy(oracle, images[start:stop])
+        labels[start:stop] = purchase.labels
         if progress is not None:
             progress(stage, stop, len(images))
-        if problem is not None:
-            result.stopped = "budget" if isinstance(problem, BudgetExhausted) else "blocked"
-            result.message = str(problem)
-            answered = int((result.labels >= 0).sum())
-            logger.warning("%s: stopped after %d of %d", problem, answered, len(images))
-            break
-    return result
+        if purchase.stopped_by is not None:
+            return Purchase(labels, purchase.stopped_by, purchase.message)
+    return Purchase(labels)
 
 
 @dataclass
@@ -259,15 +233,18 @@ class TransferResult:
     seed_images: np.ndarray  # uint8, one per seed
     num_classes: int
     crafted: Crafted
-    sent_index: np.ndarray  # rows of ``crafted`` sent to the target (those that fooled it)
+    seed_correct: np.ndarray  # bool per seed: the substitute classifies it correctly
+    sent_index: np.ndarray  # rows of ``crafted`` sent (those that fooled it, or all: send_all)
     target_labels: np.ndarray  # the target's label per sent row; -1 if never answered
     success: np.ndarray  # bool per sent row
+    send_all: bool = False
     noise_labels: np.ndarray | None = None  # per sent row; -1 if not answered
     noise_success: np.ndarray | None = None
     noise_images: np.ndarray | None = None
-    stopped: str | None = None
+    stopped_by: str | None = None  # "budget" | "blocked"
     stop_message: str | None = None
-    queries_paid: int | None = None
+    # queries_paid / queries_replayed / queries_from_cache of this step (Meter.report)
+    queries: dict[str, int] = field(default_factory=dict)
 
     @property
     def answered(self) -> np.ndarray:
@@ -276,6 +253,13 @@ class TransferResult:
     @property
     def sent(self) -> int:
         return int(self.answered.sum())
+
+    @property
+    def conditional(self) -> np.ndarray:
+        """Per sent row: counts for our conditional ``transferability`` (the seed is classified
+        correctly by the substitute and the example fools it)."""
+        rows = self.sent_index
+        return self.crafted.fooled_substitute[rows] & self.seed_correct[self.crafted.seed_row[rows]]
 
     @property
     def noise_sent(self) -> int:
@@ -290,14 +274,22 @@ class TransferResult:
         linf, l2 = perturbation_norms(seeds[crafted.seed_row[rows]], sent_images)
         all_linf, all_l2 = perturbation_norms(seeds[crafted.seed_row], crafted.adversarial)
         fooled_target = int(won.sum())
+        ours = self.conditional & answered
+        ours_won = int((self.success & ours).sum())
+        if self.send_all:
+            seed_rule = f"random test images (the paper's protocol), drawn with seed {self.seed}"
+        else:
+            seed_rule = (
+                f"images the substitute classifies correctly, drawn at random with seed {self.seed}"
+            )
         summary: dict[str, Any] = {
             "targeted": self.targeted,
             **{k: v for k, v in self.attack.params.items() if k != "seed"},
             "pgd_seed": self.attack.seed,
             "seed": self.seed,
             "seed_set": self.seed_set,
-            "seed_rule": "images the substitute classifies correctly, drawn at random "
-            f"with seed {self.seed}",
+            "seed_rule": seed_rule,
+            "send": "all" if self.send_all else "fooling_substitute",
             "seeds": len(self.seed_indices),
             "seed_indices": self.seed_indices.tolist(),
             "crafted": len(crafted.seed_row),
@@ -307,16 +299,18 @@ class TransferResult:
             ),
             "sent": self.sent,
             "fooled_target": fooled_target,
-            "transferability": _rate(fooled_target, self.sent),
+            "transferability": _rate(ours_won, int(ours.sum())),
+            "conditional_sent": int(ours.sum()),
+            "conditional_fooled_target": ours_won,
+            "transferability_all": _rate(fooled_target, self.sent) if self.send_all else None,
             "end_to_end_success": _rate(fooled_target, len(crafted.seed_row)),
             "noise_baseline": None,
             "noise_sent": self.noise_sent,
             "noise_fooled": None,
             "noise_queries": self.noise_sent,
             "queries_asked": self.sent + self.noise_sent,
-            "queries_paid": self.queries_paid,
-            "budget_exhausted": self.stopped == "budget",
-            "blocked": self.stopped == "blocked",
+            **self.queries,
+            "stopped_by": self.stopped_by,
             "stop_message": self.stop_message,
             "mean_linf": _mean(linf),
             "mean_l2": _mean(l2),
@@ -399,15 +393,6 @@ def _mean(values: np.ndarray) -> float | None:
     return None if len(values) == 0 else float(np.mean(values))
 
 
-def _paid(oracle: LabelOracle) -> int | None:
-    """The oracle's own count of charged queries, when it keeps one."""
-    for name in ("queries_bought", "queries"):
-        value = getattr(oracle, name, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 def transfer_attack(
     oracle: LabelOracle,
     substitute: nn.Module,
@@ -418,19 +403,25 @@ def transfer_attack(
     seeds: int,
     seed: int = 0,
     noise_baseline: bool = True,
+    send_all: bool = False,
     craft_batch: int = 256,
     query_batch: int = 100,
     progress: TransferProgress | None = None,
 ) -> TransferResult:
-    """The whole transfer step (see the module docstring) against ``oracle``."""
+    """The whole transfer step (see the module docstring) against ``oracle``; ``send_all``
+    follows the paper's protocol (random seeds, every crafted example sent)."""
     if not isinstance(attack, PGD):
         raise ValueError(f"attack must be a PGD instance, got {type(attack).__name__}")
     if query_batch < 1:
         raise ValueError(f"query_batch must be >= 1, got {query_batch}")
     substitute.eval()
-    seed_indices = choose_seeds(substitute, dataset, seeds, seed=seed)
+    if send_all:
+        seed_indices = random_seeds(dataset, seeds, seed=seed)
+    else:
+        seed_indices = choose_seeds(substitute, dataset, seeds, seed=seed)
     images = dataset.images[torch.as_tensor(seed_indices)].numpy()
     labels = dataset.labels[torch.as_tensor(seed_indices)].numpy()
+    seed_correct = predict_labels(substitute, torch.from_numpy(images)).numpy() == labels
     crafted = craft(
         attack,
         substitute,
@@ -441,7 +432,10 @@ def transfer_attack(
         batch_size=craft_batch,
         progress=progress,
     )
-    sent_index = np.flatnonzero(crafted.fooled_substitute)  # only these are sent
+    if send_all:
+        sent_index = np.arange(len(crafted.seed_row))
+    else:
+        sent_index = np.flatnonzero(crafted.fooled_substitute)  # only these are sent
     wanted = crafted.target[sent_index] if targeted else crafted.source[sent_index]
 
     def hit(answer: np.ndarray) -> np.ndarray:
@@ -450,7 +444,7 @@ def transfer_attack(
         won = answer == wanted if targeted else answer != wanted
         return won & answered
 
-    paid_before = _paid(oracle)
+    meter_before = oracle.meter.snapshot()
     sent = _send(
         oracle,
         crafted.adversarial[sent_index],
@@ -467,14 +461,16 @@ def transfer_attack(
         seed_images=images,
         num_classes=dataset.num_classes,
         crafted=crafted,
+        seed_correct=seed_correct,
         sent_index=sent_index,
         target_labels=sent.labels,
         success=hit(sent.labels),
-        stopped=sent.stopped,
+        send_all=send_all,
+        stopped_by=sent.stopped_by,
         stop_message=sent.message,
     )
     answered = np.flatnonzero(sent.labels >= 0)
-    if noise_baseline and sent.stopped is None and len(answered):
+    if noise_baseline and sent.stopped_by is None and len(answered):
         noisy = np.zeros_like(crafted.adversarial[sent_index])
         noisy[answered] = noise_like(
             images[crafted.seed_row[sent_index[answered]]],
@@ -489,8 +485,6 @@ def transfer_attack(
         noise_labels[answered] = probes.labels
         result.noise_labels, result.noise_success = noise_labels, hit(noise_labels)
         result.noise_images = noisy
-        result.stopped, result.stop_message = probes.stopped, probes.message
-    paid_after = _paid(oracle)
-    if paid_before is not None and paid_after is not None:
-        result.queries_paid = paid_after - paid_before
+        result.stopped_by, result.stop_message = probes.stopped_by, probes.message
+    result.queries = oracle.meter.report(since=meter_before)
     return result

@@ -157,17 +157,17 @@ class PGD:
                 f"{name} must have shape ({len(x)},) to match x, got {tuple(classes.shape)}"
             )
         classes = classes.long().to(x.device)
-        with torch.no_grad():
-            num_classes = model(x[:1]).shape[1]
-        if classes.min() < 0 or classes.max() >= num_classes:
-            raise ValueError(
-                f"{name} must be classes in 0..{num_classes - 1}, got values in "
-                f"[{classes.min().item()}, {classes.max().item()}]"
-            )
         x = x.detach()
         was_training = model.training
-        model.eval()
+        model.eval()  # before the first forward pass: no dropout, no batch-norm statistics update
         try:
+            with torch.no_grad():
+                num_classes = model(x[:1]).shape[1]
+            if classes.min() < 0 or classes.max() >= num_classes:
+                raise ValueError(
+                    f"{name} must be classes in 0..{num_classes - 1}, got values in "
+                    f"[{classes.min().item()}, {classes.max().item()}]"
+                )
             adversarial = self._run(model, x, classes, targeted=target is not None)
         finally:
             model.train(was_training)

@@ -24,13 +24,16 @@ RUN_SUMMARY_KEYS = (
     "fooled_substitute",
     "sent",
     "fooled_target",
+    "send",
     "transferability",
+    "transferability_all",
     "noise_baseline",
     "noise_queries",
     "queries_asked",
     "queries_paid",
-    "budget_exhausted",
-    "blocked",
+    "queries_replayed",
+    "queries_from_cache",
+    "stopped_by",
     "mean_linf",
     "mean_l2",
     "seconds_per_example",
@@ -54,7 +57,8 @@ def transfer_markdown(summary: dict[str, Any], *, heading: str = "#") -> list[st
         else "the target's label differs from the seed's true label"
     )
     noise = summary.get("noise_baseline")
-    paid = summary.get("queries_paid")
+    send_all = summary.get("send") == "all"
+    sent_what = "every crafted example" if send_all else "the examples that fooled the substitute"
     lines = [
         f"{heading} Transfer attack: {mode} PGD, {summary['norm']}, eps {summary['eps']:.4g}",
         "",
@@ -67,9 +71,14 @@ def transfer_markdown(summary: dict[str, Any], *, heading: str = "#") -> list[st
         f"| adversarial examples crafted on the substitute | {summary['crafted']} |",
         f"| fooled the substitute (after 8-bit quantisation) | {summary['fooled_substitute']} "
         f"({_pct(summary['substitute_success'])}) |",
-        f"| sent to the target (one query each) | {summary['sent']} |",
+        f"| sent to the target (one query each): {sent_what} | {summary['sent']} |",
         f"| fooled the target | {summary['fooled_target']} |",
-        f"| **transferability** | **{_pct(summary['transferability'])}** |",
+        f"| **transferability** (ours, conditional: seeds the substitute gets right, examples "
+        f"that fool it; {summary['conditional_fooled_target']} of {summary['conditional_sent']}) "
+        f"| **{_pct(summary['transferability'])}** |",
+        "| transferability over all crafted examples (the paper's definition) | "
+        + (_pct(summary["transferability_all"]) if send_all else "not measured (`--send-all`)")
+        + " |",
         f"| random noise of the same size (baseline) | {_pct(noise)}"
         + (f" of {summary['noise_sent']} probes |" if noise is not None else " (not measured) |"),
         f"| mean perturbation of the examples sent, L-inf / L2 | {_num(summary['mean_linf'])} / "
@@ -77,14 +86,20 @@ def transfer_markdown(summary: dict[str, Any], *, heading: str = "#") -> list[st
         f"| PGD time per example | {summary['seconds_per_example'] * 1000:.1f} ms |",
         f"| queries asked in this step (examples + noise probes) | {summary['queries_asked']} "
         f"({summary['sent']} + {summary['noise_queries']}) |",
-        f"| of which newly charged (the rest came from the answer cache) | "
-        f"{'n/a' if paid is None else paid} |",
+        f"| of which charged by the service / replayed uncharged / from the answer cache | "
+        f"{summary['queries_paid']} / {summary['queries_replayed']} / "
+        f"{summary['queries_from_cache']} |",
     ]
+    if summary.get("shared_cache"):
+        lines += ["", f"**Shared answer cache** `{summary['shared_cache']}`: labels other "
+                  "accounts paid for were reused (a Sybil strategy)."]  # fmt: skip
     if summary["fooled_substitute"] == 0:
         lines += ["", "**No example fooled the substitute, so nothing was sent.** A substitute "
                   "that cannot be fooled this way is usually a poor one (see its accuracy)."]  # fmt: skip
-    if summary.get("budget_exhausted") or summary.get("blocked"):
-        why = "the budget ran out" if summary.get("budget_exhausted") else "the service blocked us"
+    if summary.get("stopped_by") is not None:
+        why = (
+            "the budget ran out" if summary["stopped_by"] == "budget" else "the service blocked us"
+        )
         lines += ["", f"**Stopped early: {why}** ({summary.get('stop_message')}); figures cover "
                   "what was sent before that."]  # fmt: skip
     per_class = summary["per_class"]

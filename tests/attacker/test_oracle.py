@@ -3,7 +3,6 @@ at 402/403, the answer cache; and LocalOracle."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import httpx2
@@ -18,52 +17,20 @@ from attacker.oracle import (
     LocalOracle,
     OracleRejected,
     OracleUnavailable,
+    buy,
 )
 from mlcore.architectures import build_model
 from mlcore.wire import EncodedTensor, decode_tensor
+from tests.attacker.fakes import FakeService
 
 
-class FakeService:
-    """Labels each image with its first pixel mod 10; scripted failures before answering."""
-
-    def __init__(self, *, budget: int = 10_000, failures: list[int] | None = None) -> None:
-        self.budget, self.used = budget, 0
-        self.failures = list(failures or [])  # status codes to return before the next answer
-        self.requests: list[dict] = []
-        self.charged_ids: set[str] = set()
-
-    def __call__(self, request: httpx2.Request) -> httpx2.Response:
-        body = json.loads(request.content)
-        self.requests.append(body)
-        if self.failures:
-            status = self.failures.pop(0)
-            return httpx2.Response(
-                status, json={"error": {"code": "x", "message": f"scripted {status}"}}
-            )
-        images = decode_tensor(EncodedTensor(**body["inputs"]))
-        if body["request_id"] not in self.charged_ids:
-            if self.used + len(images) > self.budget:
-                return httpx2.Response(
-                    402, json={"error": {"code": "budget_exhausted", "message": "no budget"}}
-                )
-            self.used += len(images)
-            self.charged_ids.add(body["request_id"])
-        labels = [int(image.reshape(-1)[0]) % 10 for image in images]
-        return httpx2.Response(
-            200,
-            json={
-                "labels": labels,
-                "queries_used": self.used,
-                "queries_remaining": self.budget - self.used,
-            },
-        )
-
-
-def oracle_for(service: FakeService, tmp_path: Path | None = None, **kwargs) -> HttpOracle:
+def oracle_for(
+    service: FakeService, tmp_path: Path | None = None, *, key: str = "key", **kwargs
+) -> HttpOracle:
     client = httpx2.Client(transport=httpx2.MockTransport(service), base_url="http://target")
     cache = tmp_path / "cache.sqlite3" if tmp_path is not None else None
     return HttpOracle(
-        "http://target", "key", "m", client=client, cache_path=cache, backoff=0.0, **kwargs
+        "http://target", key, "m", client=client, cache_path=cache, backoff=0.0, **kwargs
     )
 
 
@@ -89,7 +56,7 @@ def test_retries_reuse_the_request_id_and_pay_once(failures: list[int]) -> None:
     assert oracle.predict_labels(images(5)).tolist() == [0, 1, 2, 3, 4]
     assert len({r["request_id"] for r in service.requests}) == 1
     assert len(service.requests) == len(failures) + 1
-    assert service.used == 5 and oracle.queries_bought == 5
+    assert service.used == 5 and oracle.meter.paid == 5
 
 
 def test_gives_up_after_max_retries() -> None:
@@ -125,7 +92,7 @@ def test_a_second_run_reuses_the_cache_and_buys_nothing(tmp_path: Path) -> None:
     second = FakeService()
     oracle = oracle_for(second, tmp_path)
     assert oracle.predict_labels(images(20)).tolist() == [i % 10 for i in range(20)]
-    assert second.used == 5 and oracle.cache_hits == 15
+    assert second.used == 5 and oracle.meter.from_cache == 15 and oracle.meter.paid == 5
 
 
 def test_bad_settings_name_the_value() -> None:
@@ -138,6 +105,98 @@ def test_local_oracle_counts_queries_and_answers_like_the_model() -> None:
     oracle = LocalOracle(model)
     x = np.random.default_rng(0).integers(0, 256, size=(6, 1, 28, 28), dtype=np.uint8)
     labels = oracle.predict_labels(x)
-    assert labels.shape == (6,) and oracle.queries == 6
+    assert labels.shape == (6,) and oracle.meter.paid == 6
     expected = model(torch.from_numpy(x).float() / 255).argmax(1).numpy()
     assert labels.tolist() == expected.tolist()
+
+
+# -- meters: what the server charged, replays and cache hits apart ----------------------------------
+def test_the_meter_takes_the_servers_charged_figures() -> None:
+    service = FakeService()
+    first = oracle_for(service)
+    first.predict_labels(images(12))
+    assert first.meter.report() == {
+        "queries_paid": 12, "queries_replayed": 0, "queries_from_cache": 0
+    }  # fmt: skip
+    # A new run without a cache sends the same batches: the server replays them, charged 0.
+    again = oracle_for(service)
+    again.predict_labels(images(12))
+    assert again.meter.report() == {
+        "queries_paid": 0, "queries_replayed": 12, "queries_from_cache": 0
+    }  # fmt: skip
+    assert service.used == 12
+
+
+def test_a_lost_answer_is_paid_once_and_not_called_a_replay() -> None:
+    service = FakeService(lose=[503])  # charged, then the answer is lost
+    oracle = oracle_for(service)
+    oracle.predict_labels(images(5))
+    oracle.predict_labels(images(8)[5:])
+    assert service.used == 8
+    assert (oracle.meter.paid, oracle.meter.replayed) == (8, 0)
+
+
+def test_a_retried_replay_of_an_earlier_runs_charge_is_not_paid() -> None:
+    service = FakeService()
+    oracle_for(service).predict_labels(images(5))  # an earlier run paid for this batch
+    service.failures = [503]
+    later = oracle_for(service)
+    later.predict_labels(images(10)[5:])  # this run pays for a new batch first
+    later.predict_labels(images(5))  # then a retried request that the earlier run paid for
+    assert (later.meter.paid, later.meter.replayed) == (5, 5)
+
+
+def test_an_answer_without_charged_is_rejected() -> None:
+    def old_server(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, json={"labels": [1], "queries_used": 1, "queries_remaining": 9})
+
+    client = httpx2.Client(transport=httpx2.MockTransport(old_server), base_url="http://t")
+    with pytest.raises(OracleRejected, match="lacks the charged"):
+        HttpOracle("http://t", "k", "m", client=client).predict_labels(images(1))
+
+
+# -- the answer cache is per account unless shared ----------------------------------------------------
+def test_the_cache_is_scoped_to_the_api_key(tmp_path: Path) -> None:
+    service = FakeService()
+    oracle_for(service, tmp_path, key="alice-secret-key").predict_labels(images(15))
+    bob = oracle_for(service, tmp_path, key="bob-key")
+    bob.predict_labels(images(15))
+    assert bob.meter.from_cache == 0 and bob.meter.paid == 15 and service.used == 30
+    assert b"alice-secret-key" not in (tmp_path / "cache.sqlite3").read_bytes()
+
+
+def test_a_shared_cache_reuses_labels_another_account_bought(tmp_path: Path) -> None:
+    service = FakeService()
+    oracle_for(service, tmp_path, key="alice", shared_cache=True).predict_labels(images(15))
+    sybil = oracle_for(service, tmp_path, key="sybil", shared_cache=True)
+    assert sybil.predict_labels(images(15)).tolist() == [i % 10 for i in range(15)]
+    assert sybil.meter.from_cache == 15 and sybil.meter.paid == 0 and service.used == 15
+
+
+def test_a_request_nonce_makes_a_new_session_pay_again() -> None:
+    service = FakeService()
+    for nonce in ("run-1", "run-2"):
+        oracle_for(service, request_nonce=nonce).predict_labels(images(6))
+    assert service.used == 12
+    assert len({r["request_id"] for r in service.requests}) == 2
+
+
+# -- buy: the one budget / stop behaviour of every attack -------------------------------------------
+def test_buy_spends_the_rest_of_the_budget_after_a_402() -> None:
+    service = FakeService(budget=37)
+    purchase = buy(oracle_for(service, batch_size=10), images(60))
+    assert purchase.stopped_by == "budget" and "no budget" in (purchase.message or "")
+    assert purchase.bought.sum() == 37 == service.used
+    assert purchase.labels[:37].tolist() == [i % 10 for i in range(37)]
+
+
+def test_buy_keeps_the_labels_bought_before_a_403() -> None:
+    service = FakeService(block_after=20)
+    purchase = buy(oracle_for(service, batch_size=10), images(50))
+    assert purchase.stopped_by == "blocked"
+    assert purchase.bought.tolist() == [True] * 20 + [False] * 30
+
+
+def test_buy_without_a_refusal_says_nothing_stopped_it() -> None:
+    purchase = buy(oracle_for(FakeService()), images(7))
+    assert purchase.stopped_by is None and purchase.bought.all()

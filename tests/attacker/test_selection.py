@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
+from sklearn.datasets import load_digits
 
 from attacker.selection import (
     SELECTORS,
@@ -31,6 +32,7 @@ from attacker.selection.drmi import (
     _greedy_init,
     _one_hot_replacement,
 )
+from mlcore.mutual_information import mutual_information_matrix
 
 INITS: list[InitMethod] = ["min-sum", "min-max"]
 
@@ -274,7 +276,6 @@ def near_identical_pairs(seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("init", INITS)
 def test_figure_2_picks_one_of_each_near_identical_pair(init: InitMethod) -> None:
-    pytest.importorskip("mlcore.mutual_information")
     images = near_identical_pairs()
     result = DrmiSelector(init=init)(images, np.zeros(6, dtype=np.int64), k=3)
     pairs = sorted(int(i) // 2 for i in result.indices)
@@ -283,11 +284,9 @@ def test_figure_2_picks_one_of_each_near_identical_pair(init: InitMethod) -> Non
 
 
 def test_drmi_h_is_below_random_on_real_digits() -> None:
-    mi_module = pytest.importorskip("mlcore.mutual_information")
-    datasets = pytest.importorskip("sklearn.datasets")
-    digits = datasets.load_digits()
+    digits = load_digits()
     images = (digits.images[digits.target == 4][:120] * 15).astype(np.uint8)  # 0..16 -> 0..240
-    weights = mi_module.mutual_information_matrix(images) ** 2
+    weights = mutual_information_matrix(images) ** 2
     drmi = drmi_subset(weights, 10)
     rng = np.random.default_rng(0)
     random_h = [
@@ -369,7 +368,6 @@ def test_random_selector_is_proportional_and_repeatable() -> None:
 
 
 def test_drmi_selector_splits_evenly_and_maps_back_to_pool_indices() -> None:
-    pytest.importorskip("mlcore.mutual_information")
     images, labels = small_pool()
     messages: list[str] = []
     result = DrmiSelector(progress=messages.append)(images, labels, k=10)
@@ -379,8 +377,6 @@ def test_drmi_selector_splits_evenly_and_maps_back_to_pool_indices() -> None:
     assert set(result.per_class[0]) == {"k", "n", "H", "start", "swaps"}
     assert len(messages) == 6
     # The same pool through drmi_subset directly gives the same class-0 choice.
-    from mlcore.mutual_information import mutual_information_matrix
-
     members = np.flatnonzero(labels == 0)
     subset = drmi_subset(mutual_information_matrix(images[members]) ** 2, 4)
     assert set(members[subset.indices]) <= set(result.indices.tolist())

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from attacker.oracle import Blocked, BudgetExhausted, LocalOracle
+from attacker.oracle import Blocked, BudgetExhausted, LocalOracle, Meter
 from attacker.transfer import (
     PGD,
     attach_to_run_report,
@@ -25,6 +25,7 @@ from attacker.transfer import (
     parse_eps,
     perturbation_norms,
     quantize,
+    random_seeds,
     transfer_attack,
     write_transfer_report,
 )
@@ -276,6 +277,40 @@ def test_bad_call_arguments_raise_clear_errors(
         PGD(eps=0.3, steps=1)(white_box, call.pop("x"), **call)
 
 
+class TrainEvalDiffer(nn.Module):
+    """Batch norm and dropout: its outputs differ between train and eval mode, and a forward
+    pass in train mode moves its running statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5),
+            nn.Linear(4 * 26 * 26, 10),
+        )  # fmt: skip
+        self.modes: list[bool] = []  # the mode of every forward pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.modes.append(self.training)
+        return self.net(x)
+
+
+@pytest.mark.parametrize("call", ["attack", "bad-target"])
+def test_pgd_runs_the_model_in_eval_mode_from_its_first_forward_pass(call: str) -> None:
+    torch.manual_seed(0)
+    model = TrainEvalDiffer().train()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    x = torch.rand(3, 1, 28, 28)
+    if call == "attack":
+        PGD(eps=0.1, steps=2)(model, x, labels=torch.tensor([0, 1, 2]))
+    else:
+        with pytest.raises(ValueError, match=r"labels must be classes in 0\.\.9"):
+            PGD(eps=0.1, steps=2)(model, x, labels=torch.tensor([0, 1, 12]))
+    assert model.modes and not any(model.modes)  # no forward pass in train mode
+    for name, value in model.state_dict().items():  # batch-norm statistics untouched
+        assert torch.equal(value, before[name]), name
+    assert model.training  # the caller's mode is restored
+
+
 @pytest.mark.parametrize(
     "text,value", [("0.5", 0.5), ("128/255", 128 / 255), (" 0.3 ", 0.3), ("1e-1", 0.1)]
 )
@@ -364,27 +399,42 @@ def test_bad_seed_counts_are_rejected(white_box: nn.Module, test_set: ImageDatas
 
 
 # -- the transfer step against a local oracle ----------------------------------------------------
+class RecordingOracle(LocalOracle):
+    """A LocalOracle that keeps every image it was asked about and every label it answered."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.asked: list[np.ndarray] = []
+        self.answered: list[np.ndarray] = []
+
+    def predict_labels(self, images: np.ndarray) -> np.ndarray:
+        labels = super().predict_labels(images)
+        self.asked.append(np.array(images))
+        self.answered.append(labels)
+        return labels
+
+
 class BudgetOracle:
     """A LocalOracle behind a budget, refusing whole batches as the service does (402)."""
 
     def __init__(self, model: nn.Module, budget: int) -> None:
         self.inner, self.budget = LocalOracle(model), budget
-        self.queries_bought = 0
+        self.meter = Meter()
         self.queries_remaining: int | None = None
         self.batches: list[int] = []
 
     def predict_labels(self, images: np.ndarray) -> np.ndarray:
-        if self.queries_bought + len(images) > self.budget:
+        if self.meter.paid + len(images) > self.budget:
             raise BudgetExhausted("budget exhausted", np.full(len(images), -1, dtype=np.int64))
         self.batches.append(len(images))
-        self.queries_bought += len(images)
-        self.queries_remaining = self.budget - self.queries_bought
+        self.meter.paid += len(images)
+        self.queries_remaining = self.budget - self.meter.paid
         return self.inner.predict_labels(images)
 
 
 class BlockingOracle(BudgetOracle):
     def predict_labels(self, images: np.ndarray) -> np.ndarray:
-        if self.queries_bought + len(images) > self.budget:
+        if self.meter.paid + len(images) > self.budget:
             raise Blocked("blocked by the service", np.full(len(images), -1, dtype=np.int64))
         return super().predict_labels(images)
 
@@ -392,8 +442,8 @@ class BlockingOracle(BudgetOracle):
 @pytest.fixture(scope="module")
 def targeted_run(
     white_box: nn.Module, target: nn.Module, test_set: ImageDataset
-) -> tuple[Any, LocalOracle]:
-    oracle = LocalOracle(target)
+) -> tuple[Any, RecordingOracle]:
+    oracle = RecordingOracle(target)
     result = transfer_attack(
         oracle,
         white_box,
@@ -407,7 +457,7 @@ def targeted_run(
 
 
 def test_targeted_transfer_sends_only_what_fools_the_substitute_and_pays_per_example(
-    targeted_run: tuple[Any, LocalOracle], white_box: nn.Module
+    targeted_run: tuple[Any, RecordingOracle], white_box: nn.Module
 ) -> None:
     result, oracle = targeted_run
     summary = result.summary()
@@ -417,11 +467,32 @@ def test_targeted_transfer_sends_only_what_fools_the_substitute_and_pays_per_exa
     assert np.array_equal(crafted.fooled_substitute, fooled == crafted.target)
     assert np.array_equal(result.sent_index, np.flatnonzero(fooled == crafted.target))
     assert summary["sent"] == len(result.sent_index) == summary["fooled_substitute"]
-    assert oracle.queries == summary["sent"] + summary["noise_queries"] == summary["queries_paid"]
+    assert (
+        oracle.meter.paid == summary["sent"] + summary["noise_queries"] == summary["queries_paid"]
+    )
+    assert summary["queries_replayed"] == summary["queries_from_cache"] == 0
     assert summary["noise_queries"] == summary["sent"]  # one probe per example sent
     assert summary["transferability"] == summary["fooled_target"] / summary["sent"]
-    assert summary["transferability"] >= summary["noise_baseline"] + 0.3
+    assert summary["send"] == "fooling_substitute" and summary["transferability_all"] is None
+    # measured on these two small models: 0.65 against a noise baseline of 0.07
+    assert summary["transferability"] >= max(0.5, summary["noise_baseline"] + 0.4), summary
     assert summary["mean_linf"] <= 0.5 + 1e-9
+    # What the oracle was really asked: the examples that fooled the substitute, then one noise
+    # probe each, every one within eps of its seed; success is the oracle saying the target.
+    asked, answered = np.concatenate(oracle.asked), np.concatenate(oracle.answered)
+    assert len(asked) == summary["queries_paid"]
+    sent = summary["sent"]
+    np.testing.assert_array_equal(asked[:sent], crafted.adversarial[result.sent_index])
+    seeds = result.seed_images[crafted.seed_row[result.sent_index]]
+    for probes in (asked[:sent], asked[sent:]):
+        linf, _ = perturbation_norms(seeds, probes)
+        assert (linf <= 0.5 + 1e-9).all() and (linf > 0).all()
+    assert summary["fooled_target"] == int(
+        (answered[:sent] == crafted.target[result.sent_index]).sum()
+    )
+    assert summary["noise_fooled"] == int(
+        (answered[sent:] == crafted.target[result.sent_index]).sum()
+    )
     assert summary["seconds_per_example"] > 0
     assert sum(summary["per_class"]["sent"]) == summary["sent"]
     assert np.sum(summary["confusion_counts"]) == summary["sent"]
@@ -430,6 +501,29 @@ def test_targeted_transfer_sends_only_what_fools_the_substitute_and_pays_per_exa
     assert np.nanmax(won) <= 1.0
     assert summary["curve"]["queries"][-1] == summary["sent"]
     assert summary["curve"]["fooled"][-1] == summary["fooled_target"]
+
+
+def test_send_all_follows_the_paper_every_example_sent_and_counted(
+    white_box: nn.Module, target: nn.Module, test_set: ImageDataset
+) -> None:
+    oracle = LocalOracle(target)
+    result = transfer_attack(
+        oracle, white_box, test_set, attack=PGD(eps=0.5, steps=STEPS), targeted=True, seeds=12,
+        seed=3, send_all=True, noise_baseline=False,
+    )  # fmt: skip
+    summary, crafted = result.summary(), result.crafted
+    # seeds: random test images, the ones the substitute gets wrong included
+    assert result.seed_indices.tolist() == random_seeds(test_set, 12, seed=3).tolist()
+    assert not result.seed_correct.all()
+    assert summary["send"] == "all"
+    assert summary["sent"] == summary["crafted"] == 12 * 9 == oracle.meter.paid
+    on_target = predict_labels(target, torch.from_numpy(crafted.adversarial)).numpy()
+    success = on_target == crafted.target
+    assert summary["transferability_all"] == success.mean()  # over all crafted examples
+    ours = crafted.fooled_substitute & result.seed_correct[crafted.seed_row]
+    assert 0 < ours.sum() < len(ours)
+    assert summary["conditional_sent"] == ours.sum()
+    assert summary["transferability"] == success[ours].mean()  # the conditional rate
 
 
 def test_untargeted_transfer_counts_any_wrong_label_as_success(
@@ -447,12 +541,12 @@ def test_untargeted_transfer_counts_any_wrong_label_as_success(
     )
     summary = result.summary()
     assert summary["crafted"] == 30 and "confusion_success" not in summary
-    assert oracle.queries == summary["sent"] and summary["noise_queries"] == 0
+    assert oracle.meter.paid == summary["sent"] and summary["noise_queries"] == 0
     assert summary["noise_baseline"] is None
     sources = result.crafted.source[result.sent_index]
     expected = (result.target_labels != sources).sum()
     assert summary["fooled_target"] == expected
-    assert summary["transferability"] > 0.5
+    assert summary["transferability"] >= 0.75  # measured: 0.87 (26 of 30)
 
 
 @pytest.mark.parametrize("budget", [0, 7, 40])
@@ -471,8 +565,8 @@ def test_running_out_of_budget_reports_what_was_sent(
     )
     summary = result.summary()
     assert summary["fooled_substitute"] > budget  # the budget really is the limit here
-    assert summary["budget_exhausted"] and not summary["blocked"]
-    assert summary["sent"] == oracle.queries_bought == budget  # every affordable query used
+    assert summary["stopped_by"] == "budget"
+    assert summary["sent"] == oracle.meter.paid == budget  # every affordable query used
     assert summary["noise_queries"] == 0 and summary["noise_baseline"] is None
     assert summary["queries_paid"] == budget
     assert (summary["transferability"] is None) == (budget == 0)
@@ -492,8 +586,8 @@ def test_noise_probes_stop_cleanly_when_the_budget_runs_out_during_them(
         query_batch=8,
     ).summary()  # fmt: skip
     assert summary["sent"] == sent
-    assert summary["noise_queries"] == 5 and summary["budget_exhausted"]
-    assert oracle.queries_bought == sent + 5
+    assert summary["noise_queries"] == 5 and summary["stopped_by"] == "budget"
+    assert oracle.meter.paid == sent + 5
 
 
 def test_a_block_stops_the_step_and_says_so(
@@ -504,8 +598,8 @@ def test_a_block_stops_the_step_and_says_so(
         oracle, white_box, test_set, attack=PGD(eps=0.5, steps=5), targeted=True, seeds=4,
         query_batch=10,
     ).summary()  # fmt: skip
-    assert summary["blocked"] and not summary["budget_exhausted"]
-    assert summary["sent"] == 10 == oracle.queries_bought
+    assert summary["stopped_by"] == "blocked"
+    assert summary["sent"] == 10 == oracle.meter.paid
     assert "blocked" in summary["stop_message"]
 
 

@@ -1,5 +1,6 @@
-"""MI redundancy (DRMI paper, Section 7): calibrated on held-out benign data, benign streams of
-other data raise alarms at about the configured rate while DRMI-selected streams are flagged;
+"""MI redundancy (DRMI paper, Section 7): calibrated on benign data, fresh benign windows raise
+alarms at the calibrated rate (bounded on both sides), held-out benign streams no more often,
+while DRMI-selected streams are flagged at every test;
 the window statistic, the test cadence, batches equal query-by-query observation, state and
 reference round-trips, settings that must match the reference, and the benign-stream model."""
 
@@ -14,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
+from scipy.stats import betabinom
 
 from defenses.base import DetectorError, StealingDetector, Verdict, make_detector
 from defenses.mi_redundancy import (
@@ -61,6 +63,57 @@ def observe_stream(detector: StealingDetector, images: torch.Tensor, size: int) 
 # -- separation ----------------------------------------------------------------------------
 
 
+RATE_WINDOW = 30  # small windows: thousands of independent tests in seconds
+RATE_TESTS = 2000  # non-overlapping windows per stream, so the tests are independent trials
+
+
+@pytest.fixture(scope="module")
+def rate_reference() -> MiReference:
+    """Calibrated at the service's default 1% on 2,000 benign windows of the training split."""
+    train = load_dataset("mnist-embedded:target-train")
+    return calibrate_mi_reference(
+        train.images, window=RATE_WINDOW, n_windows=2000, seed=0, false_alarm_rate=0.01
+    )
+
+
+def alarm_interval(reference: MiReference, tests: int, coverage: float = 0.999) -> tuple[int, int]:
+    """Where the number of alarms in ``tests`` independent benign tests falls with probability
+    ``coverage``, if the detector does what it was calibrated for.
+
+    The threshold is ``np.quantile`` of n benign statistics at ``rate``: it lies between the
+    j-th and (j+1)-th smallest, j = floor((n - 1) rate) + 1. For a new benign window the chance
+    of scoring below the j-th smallest of n is Beta(j, n + 1 - j) distributed (order
+    statistics of exchangeable draws), so the alarm count is beta-binomial: the calibration's
+    own sampling error and the binomial error of the tests, both in the bound.
+    """
+    n, rate = reference.settings["n_windows"], reference.settings["false_alarm_rate"]
+    j = int(np.floor((n - 1) * rate)) + 1
+    tail = (1 - coverage) / 2
+    low = betabinom(tests, j, n + 1 - j).ppf(tail)
+    high = betabinom(tests, j + 1, n - j).ppf(1 - tail)
+    return int(low), int(high)
+
+
+def count_alarms(reference: MiReference, images: torch.Tensor) -> int:
+    """Alarms of one client sending ``images``, tested once per window of fresh queries."""
+    window = reference.window
+    detector = MiRedundancyDetector(reference=reference, test_every=window)
+    verdicts = observe_stream(detector, images, window)
+    assert all(v.statistic is not None for v in verdicts)
+    return sum(v.flagged for v in verdicts)
+
+
+def test_benign_clients_alarm_at_the_calibrated_rate(rate_reference: MiReference):
+    """Fresh windows of the calibrated benign model (new draws from the images the reference
+    was measured on, so the order-statistics argument holds exactly): about 1% of the tests
+    alarm, within the beta-binomial bounds on both sides (measured: 29 of 2,000)."""
+    train = load_dataset("mnist-embedded:target-train").images
+    stream = benign_stream(train, RATE_TESTS * RATE_WINDOW, seed=100).images
+    low, high = alarm_interval(rate_reference, RATE_TESTS)
+    assert (low, high) == (4, 47)  # about 20 expected
+    assert low <= count_alarms(rate_reference, stream) <= high
+
+
 class BenignCase(NamedTuple):
     repeat_rate: float
     noise: float
@@ -74,20 +127,20 @@ BENIGN = {
 
 
 @pytest.mark.parametrize("case", BENIGN.values(), ids=BENIGN.keys())
-def test_benign_streams_alarm_at_about_the_configured_rate(reference, case: BenignCase):
-    test = load_dataset("mnist-embedded:test")
-    tests = alarms = 0
-    for client in range(3):
-        stream = benign_stream(
-            test.images, 400, repeat_rate=case.repeat_rate, noise=case.noise, seed=100 + client
-        )
-        verdicts = observe_stream(MiRedundancyDetector(reference=reference), stream.images, 10)
-        tested = verdicts[WINDOW // 10 - 1 :]  # a test after every 10th query
-        assert all(v.statistic is not None for v in tested)
-        tests += len(tested)
-        alarms += sum(v.flagged for v in tested)
-    assert tests == 3 * 31
-    assert alarms <= 3 * FALSE_ALARM_RATE * tests  # loose: windows overlap, so alarms cluster
+def test_held_out_benign_clients_alarm_at_most_at_the_calibrated_rate(
+    rate_reference: MiReference, case: BenignCase
+):
+    """Clients drawing from the held-out test split, with and without repeats: not flagged
+    more often than calibrated. Only bounded from above: windows of this split happen to be
+    more redundant than the training split's (measured: 0.3-0.4% of tests alarm on random
+    order), so the rate on it is below the calibrated one, not at it."""
+    test = load_dataset("mnist-embedded:test").images
+    tests = RATE_TESTS // 2
+    stream = benign_stream(
+        test, tests * RATE_WINDOW, repeat_rate=case.repeat_rate, noise=case.noise, seed=100
+    )
+    _, high = alarm_interval(rate_reference, tests)
+    assert count_alarms(rate_reference, stream.images) <= high
 
 
 class DrmiCase(NamedTuple):
@@ -110,7 +163,8 @@ def test_a_drmi_selected_stream_is_flagged(reference, drmi_indices, case: DrmiCa
     detector = MiRedundancyDetector(reference=reference)
     verdicts = observe_stream(detector, pool.images[indices], case.batch)
     assert detector.first_alarm_at == WINDOW  # at the first test: the first full window
-    assert verdicts[-1].flagged
+    tested = verdicts[WINDOW // case.batch - 1 :]  # from the first full window on
+    assert all(v.statistic is not None and v.flagged for v in tested)  # detected at every test
     assert verdicts[-1].statistic < reference.threshold
     # the gap is wide: every DRMI window scores below every benign calibration window
     assert verdicts[-1].statistic < min(reference.statistics)

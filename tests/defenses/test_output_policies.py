@@ -35,7 +35,7 @@ def logits_from_orders(orders: list[list[int]], *, scale: float = 1.0) -> torch.
 
 
 LOGITS = logits_from_orders(ORDERS)
-USAGE = {"queries_used": 8, "queries_remaining": 92}
+USAGE = {"charged": 2, "queries_used": 8, "queries_remaining": 92}
 
 
 def test_mixed_batch_really_is_mixed() -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from attacker.oracle import BudgetExhausted, HttpOracle
+from mlcore.checkpoints import load_checkpoint
 from mlcore.datasets import load_dataset
 from target_service.testing import LiveServer, admin_create_client
 
@@ -65,6 +66,14 @@ def test_a_retry_after_a_lost_answer_is_charged_once(server: LiveServer, tmp_pat
     assert transport.dropped == 1
     assert len(labels) == 30 and (labels >= 0).all()
     assert used(server, client_id) == 30
+    # the lost answer's charge is this run's: paid, not a replay
+    assert oracle.meter.report() == {
+        "queries_paid": 30, "queries_replayed": 0, "queries_from_cache": 0
+    }  # fmt: skip
+    with HttpOracle(server.url, key, "lenet5-mnist") as again:  # a new run, no answer cache
+        again.predict_labels(pool_images(30))
+    assert (again.meter.paid, again.meter.replayed) == (0, 30)
+    assert used(server, client_id) == 30
 
 
 def test_402_stops_with_the_labels_bought_and_the_cache_saves_the_rerun(
@@ -82,21 +91,29 @@ def test_402_stops_with_the_labels_bought_and_the_cache_saves_the_rerun(
     assert (bought[:100] >= 0).all() and (bought[100:] == -1).all()
     assert used(server, client_id) == 100
 
+    with HttpOracle(
+        server.url, key, "lenet5-mnist", cache_path=cache, batch_size=100
+    ) as oracle:  # the same account again: its cache saves what it bought
+        with pytest.raises(BudgetExhausted):
+            oracle.predict_labels(x)
+        assert oracle.meter.from_cache == 100 and oracle.meter.paid == 0
+    assert used(server, client_id) == 100
+
     second_id, second_key = admin_create_client(server, "rerun", budget=300)
     with HttpOracle(
         server.url, second_key, "lenet5-mnist", cache_path=cache, batch_size=100
-    ) as oracle:
+    ) as oracle:  # another account does not see those labels: it pays for all of them
         labels = oracle.predict_labels(x)
-        assert oracle.cache_hits == 100 and oracle.queries_bought == 200
+        assert oracle.meter.from_cache == 0 and oracle.meter.paid == 300
     assert labels[:100].tolist() == bought[:100].tolist()
     with HttpOracle(server.url, second_key, "lenet5-mnist", cache_path=cache) as oracle:
         assert oracle.predict_labels(x).tolist() == labels.tolist()
-        assert oracle.queries_bought == 0
-    assert used(server, second_id) == 200
+        assert oracle.meter.paid == 0 and oracle.meter.from_cache == 300
+    assert used(server, second_id) == 300
 
 
-def test_attacker_run_steals_a_substitute_that_beats_chance(
-    server: LiveServer, tmp_path: Path
+def test_attacker_run_steals_a_substitute_that_agrees_with_the_target(
+    server: LiveServer, tmp_path: Path, trained_checkpoints: Path
 ) -> None:
     client_id, key = admin_create_client(server, "drmi", budget=400)
     _, eval_key = admin_create_client(server, "evaluator", budget=1000)
@@ -110,7 +127,13 @@ def test_attacker_run_steals_a_substitute_that_beats_chance(
     subprocess.run(command, check=True, timeout=900)
     report = json.loads((report_dir / "report.json").read_text())
     assert report["method"] == "drmi" and report["k"] == 300
-    assert report["queries_bought"] == 300 == used(server, client_id)
-    assert report["substitute_accuracy"] > 0.5  # chance is 0.1
-    assert 0.5 < report["agreement"] <= 1.0
+    assert report["queries_bought"] == 300 == report["queries_paid"] == used(server, client_id)
+    assert report["stopped_by"] is None
+    # Measured on this setup: agreement 0.87, substitute accuracy 0.745 against the target's 0.80;
+    # a substitute of random labels would score about 0.1 on both.
+    target_accuracy = load_checkpoint(trained_checkpoints / "lenet5-mnist.pt").metrics[
+        "test_accuracy"
+    ]
+    assert 0.8 <= report["agreement"] <= 1.0, report
+    assert report["substitute_accuracy"] >= target_accuracy - 0.12, (report, target_accuracy)
     assert (report_dir / "report.md").exists()

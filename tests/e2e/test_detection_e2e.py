@@ -189,6 +189,6 @@ def test_cli_jbda_is_blocked_and_a_benign_simulator_is_not(
         check=True, timeout=900,
     )  # fmt: skip
     report = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert report["method"] == "jbda" and report["blocked"] is True
+    assert report["method"] == "jbda" and report["stopped_by"] == "blocked"
     assert report["queries_bought"] < 800
     assert admin(server, f"/v1/admin/clients/{jbda_id}")["queries_used"] == report["queries_bought"]

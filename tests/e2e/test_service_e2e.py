@@ -168,8 +168,9 @@ def test_a_retried_request_id_is_charged_once(server: LiveServer) -> None:
     with server.client() as http:
         first = predict(http, key, x, request_id="batch-1")
         retries = [predict(http, key, x, request_id="batch-1") for _ in range(3)]
-        assert first.status_code == 200
-        assert all(r.status_code == 200 and r.json() == first.json() for r in retries)
+        assert first.status_code == 200 and first.json()["charged"] == 5
+        replayed = {**first.json(), "charged": 0}  # the same answer, nothing charged for it
+        assert all(r.status_code == 200 and r.json() == replayed for r in retries)
         assert admin_view(server, client_id)["queries_used"] == 5
 
         reused = predict(http, key, images(5, 8), request_id="batch-1")
@@ -181,7 +182,7 @@ def test_a_retried_request_id_is_charged_once(server: LiveServer) -> None:
         rest = predict(http, key, images(7, 9), request_id="batch-2")
         assert rest.json()["queries_remaining"] == 0
         late_retry = predict(http, key, x, request_id="batch-1")
-        assert late_retry.status_code == 200 and late_retry.json() == first.json()
+        assert late_retry.status_code == 200 and late_retry.json() == replayed
         broke = predict(http, key, images(1, 10), request_id="batch-3")
         assert_refused(broke, 402, "budget_exhausted")
     assert admin_view(server, client_id)["queries_used"] == 12
@@ -205,7 +206,10 @@ def test_concurrent_duplicates_of_a_request_id_are_charged_once(server: LiveServ
     for thread in pool:
         thread.join(timeout=120)
     assert len(results) == 8
-    assert all(r.status_code == 200 and r.json() == results[0].json() for r in results)
+    answers = [r.json() for r in results]
+    assert all(r.status_code == 200 for r in results)
+    assert sorted(answer["charged"] for answer in answers) == [0] * 7 + [6]  # one charge
+    assert all({**a, "charged": 0} == {**answers[0], "charged": 0} for a in answers)
     assert admin_view(server, client_id)["queries_used"] == 6
     assert ledger(server, client_id) == [("same-request", 6)]
 
@@ -230,8 +234,8 @@ def test_labels_of_a_mixed_batch_are_the_models_in_order(
     assert labels == local.tolist()
     assert backward.json()["labels"] == labels[::-1]
     assert as_float.json()["labels"] == labels
-    # the hosted model is a real classifier, not a constant
-    assert (torch.tensor(labels) == truth).float().mean() > 0.5
+    # the hosted model is the trained classifier (0.80 test accuracy; 0.78 on these 120 images)
+    assert (torch.tensor(labels) == truth).float().mean() >= 0.7
 
 
 # -- crash safety -------------------------------------------------------------------------------
@@ -328,7 +332,8 @@ def test_kill_9_under_load_loses_nothing_charged(
         assert_refused(predict(http, spent_key, images(1, 2)), 402, "budget_exhausted")
         # an answer charged before the crash comes back from disk, not charged again
         replayed = predict(http, ann_key, images(3, 99), request_id="before-crash")
-        assert replayed.status_code == 200 and replayed.json() == settled.json()
+        assert replayed.status_code == 200
+        assert replayed.json() == {**settled.json(), "charged": 0}
     # every client, budget and revocation survived; only the loaded clients' usage moved
     stable = ("client_id", "name", "budget", "revoked", "created_at")
     assert [{k: c[k] for k in stable} for c in after] == [{k: c[k] for k in stable} for c in before]

@@ -11,11 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from attacker.cli import app
+from mlcore.checkpoints import load_checkpoint
+from mlcore.datasets import load_dataset
+from mlcore.training import predict_labels
+from target_service.state import StateStore
 from target_service.testing import LiveServer, admin_create_client
 
 pytestmark = pytest.mark.e2e
@@ -36,6 +41,25 @@ def queries_used(server: LiveServer, client_id: str) -> int:
     )
     assert response.status_code == 200, response.text
     return int(response.json()["queries_used"])
+
+
+def what_the_server_answered(server: LiveServer, client_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images this client sent, in order, and the labels the server answered: the server's
+    own query log (kept for its detectors), not the attacker's account of it."""
+    store = StateStore(server.state_path)
+    try:
+        rows = list(store.query_log(client_id, MODEL))
+    finally:
+        store.close()
+    images = np.concatenate([images for _, images, _ in rows])
+    return images, np.concatenate([np.asarray(labels) for _, _, labels in rows])
+
+
+def distances_to_seeds(images: np.ndarray, report: dict[str, Any]) -> np.ndarray:
+    """L-inf distance (pixels in [0, 1]) from every image to every seed of the report."""
+    seeds = load_dataset(report["seed_set"]).images[report["seed_indices"]].numpy()
+    delta = images[:, None].astype(np.int16) - seeds[None].astype(np.int16)
+    return np.abs(delta).reshape(len(images), len(seeds), -1).max(axis=2) / 255.0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,8 +117,16 @@ def test_targeted_examples_transfer_far_better_than_noise_and_are_charged_once(
     assert queries_used(server, client_id) == report["sent"] + report["noise_queries"]
     assert report["queries_paid"] == report["sent"] + report["noise_queries"]
     assert report["transferability"] == report["fooled_target"] / report["sent"]
-    noise = report["noise_baseline"]
-    assert report["transferability"] >= max(noise + 0.25, 2 * noise), report
+    # measured on this setup: 0.96 against a noise baseline of 0.06
+    assert report["transferability"] >= max(0.8, report["noise_baseline"] + 0.5), report
+    images, labels = what_the_server_answered(server, client_id)
+    assert len(images) == report["sent"] + report["noise_queries"]
+    assert (distances_to_seeds(images, report).min(axis=1) <= 0.5 + 1e-9).all()  # all within eps
+    # The examples go first; each fooled the substitute into its target class, so success on
+    # the target is the target saying what the substitute says.
+    examples, answered = images[: report["sent"]], labels[: report["sent"]]
+    wanted = predict_labels(load_checkpoint(substitute).model, torch.from_numpy(examples))
+    assert report["fooled_target"] == int((answered == wanted.numpy()).sum())
     for name in ("transfer.md", "confusion.png", "success_vs_queries.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
 
@@ -113,7 +145,14 @@ def test_untargeted_examples_beat_noise_and_without_probes_only_examples_are_cha
     assert report["targeted"] is False and report["eps"] == 0.3
     assert report["crafted"] == 40
     assert queries_used(server, client_id) == report["sent"] + report["noise_queries"]
-    assert report["transferability"] >= report["noise_baseline"] + 0.2, report
+    # measured on this setup: 0.95 against a noise baseline of 0.12
+    assert report["transferability"] >= max(0.8, report["noise_baseline"] + 0.5), report
+    images, labels = what_the_server_answered(server, client_id)
+    within = distances_to_seeds(images, report) <= 0.3 + 1e-9
+    assert (within.sum(axis=1) == 1).all()  # each image sent is within eps of one seed
+    seed_labels = load_dataset(report["seed_set"]).labels[report["seed_indices"]].numpy()
+    true_label = seed_labels[within.argmax(axis=1)][: report["sent"]]
+    assert report["fooled_target"] == int((labels[: report["sent"]] != true_label).sum())
 
     used = queries_used(server, client_id)
     quiet = transfer(
@@ -130,7 +169,7 @@ def test_running_out_of_budget_mid_attack_reports_what_was_sent(
     client_id, key = admin_create_client(server, "poor", 25)
     report = transfer(server, key, substitute, tmp_path, "--targeted", "--seeds", "10")
     assert report["fooled_substitute"] > 25
-    assert report["budget_exhausted"] is True
+    assert report["stopped_by"] == "budget"
     assert report["sent"] == 25 == queries_used(server, client_id)  # the whole budget, no more
     assert report["noise_queries"] == 0
     assert "Stopped early" in (tmp_path / "report" / "transfer.md").read_text()
@@ -149,7 +188,11 @@ def test_run_includes_the_transfer_step_in_its_report(server: LiveServer, tmp_pa
         assert key_name in report  # the extraction report is unchanged
     step = report["transfer"]
     assert step["targeted"] is True and step["eps"] == 0.5 and step["seeds"] == 3
-    assert step["sent"] > 0 and 0.0 <= step["transferability"] <= 1.0
+    assert step["crafted"] == 27 and step["sent"] == step["fooled_substitute"] > 0
+    assert step["noise_queries"] == step["sent"]
+    assert step["queries_paid"] == step["sent"] + step["noise_queries"]
+    # measured on this setup: 0.93 (25 of 27) against a noise baseline of 0.07
+    assert step["transferability"] >= max(0.7, step["noise_baseline"] + 0.4), step
     assert queries_used(server, client_id) == 100 + step["sent"] + step["noise_queries"]
     assert "## Transfer attack" in (report_dir / "report.md").read_text()
     detailed = json.loads((report_dir / "transfer.json").read_text())

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import entropy
 from sklearn.metrics import mutual_info_score
 
@@ -121,7 +122,6 @@ def test_known_values() -> None:
 
 
 def test_input_types_agree() -> None:
-    torch = pytest.importorskip("torch")
     images = _mnist(10)
     expected = mutual_information_matrix(images)
     as_float = images.reshape(10, 1, 28, 28) / 255.0

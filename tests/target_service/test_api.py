@@ -316,7 +316,8 @@ def test_predict_charges_one_query_per_image(main_app: TestClient) -> None:
     assert first.status_code == second.status_code == 200
     assert first.json()["queries_used"] == 5 and first.json()["queries_remaining"] == 95
     assert second.json()["queries_used"] == 8 and second.json()["queries_remaining"] == 92
-    assert set(first.json()) == {"labels", "queries_used", "queries_remaining"}
+    assert first.json()["charged"] == 5 and second.json()["charged"] == 3
+    assert set(first.json()) == {"labels", "charged", "queries_used", "queries_remaining"}
     assert all(0 <= label < 10 for label in first.json()["labels"] + second.json()["labels"])
     assert usage(main_app)[ctx.ids["main"]] == 8
 
@@ -337,7 +338,8 @@ def test_retry_with_request_id_is_answered_from_the_ledger(main_app: TestClient)
     first = ctx.predict(body)
     again = ctx.predict(body)
     assert first.status_code == again.status_code == 200
-    assert again.json() == first.json()
+    assert first.json()["charged"] == 4 and again.json()["charged"] == 0  # the replay is free
+    assert again.json() == {**first.json(), "charged": 0}
     assert usage(main_app)[ctx.ids["main"]] == 4
     # the same request_id is independent between clients
     other = ctx.predict(body, key="other")
@@ -390,7 +392,7 @@ def test_output_policy_shapes_the_answer(
         models = http.get("/v1/models").json()["models"]
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == fields | {"queries_used", "queries_remaining"}
+    assert set(body) == fields | {"charged", "queries_used", "queries_remaining"}
     assert models[0]["output_policy"] == policy
     if "top_k" in body:
         assert [row[0] for row in body["top_k"]] == body["labels"]

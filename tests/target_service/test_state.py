@@ -1,14 +1,17 @@
-"""StateStore on its own: hashed keys, revocation, atomic charges, idempotent replays, races."""
+"""StateStore on its own: hashed keys, revocation, atomic charges, idempotent replays, races
+(threads sharing one store, and processes each with its own SQLite connection to one file)."""
 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,10 +113,11 @@ def test_replay_returns_the_stored_answer_once_charged(store: StateStore, tmp_pa
     other, _ = store.create_client("bob", 10)
     assert store.replay(client.client_id, "r1", "fp-a") is None
     first = charge(store, client.client_id, 3, request_id="r1", fp="fp-a")
-    assert not first.replayed
-    assert store.replay(client.client_id, "r1", "fp-a") == first.response
+    assert not first.replayed and first.response["charged"] == 3
+    replayed = {**first.response, "charged": 0}  # same answer and meter, nothing charged
+    assert store.replay(client.client_id, "r1", "fp-a") == replayed
     again = charge(store, client.client_id, 3, request_id="r1", fp="fp-a")
-    assert again.replayed and again.response == first.response
+    assert again.replayed and again.response == replayed
     with pytest.raises(Conflict, match="'r1'") as conflict:
         store.replay(client.client_id, "r1", "fp-b")
     assert conflict.value.code == "request_id_reused"
@@ -136,7 +140,7 @@ def test_state_survives_reopening(tmp_path: Path) -> None:
     reopened = StateStore(path)
     try:
         assert reopened.authenticate(key).used == 4
-        assert reopened.replay(client.client_id, "r1", "f") == answer
+        assert reopened.replay(client.client_id, "r1", "f") == {**answer, "charged": 0}
         assert reopened.ledger_total(client.client_id) == 4
     finally:
         reopened.close()
@@ -195,8 +199,105 @@ def test_concurrent_duplicates_of_one_request_id_are_charged_once(store: StateSt
         thread.join(timeout=60)
     assert len(results) == 8
     assert sum(not result.replayed for result in results) == 1
-    assert all(result.response == results[0].response for result in results)
+    assert all(  # one answer; only the charged request says it was charged
+        result.response == {**results[0].response, "charged": 0 if result.replayed else 5}
+        for result in results
+    )
     assert store.get_client(client.client_id).used == 5
+
+
+# -- across processes: each opens its own StateStore (its own SQLite connection) ----------------
+PROCESSES, THREADS_PER_PROCESS = 4, 2
+
+
+def _charge_until_broke(store: StateStore, client_id: str, index: int) -> list[tuple[int, int]]:
+    """Charge batches of 1-4 images until not even one fits: (size, queries_used) per charge."""
+    answered = []
+    for step in range(10_000):
+        size = 1 + (index + step) % 4
+        try:
+            result = charge(store, client_id, size)
+        except BudgetExhausted:
+            if size == 1:
+                break
+            continue
+        answered.append((size, result.response["queries_used"]))
+    return answered
+
+
+def _charge_same_request(store: StateStore, client_id: str, index: int) -> list[tuple[bool, Any]]:
+    result = charge(store, client_id, 5, request_id="same")
+    return [(result.replayed, result.response)]
+
+
+def _process(
+    work: Callable[[StateStore, str, int], list],
+    path: Path,
+    client_id: str,
+    index: int,
+    start: Any,
+    results: Any,
+) -> None:
+    """One process: its own StateStore on the shared file, THREADS_PER_PROCESS threads using it,
+    all starting together with every other process's threads."""
+    store = StateStore(path)
+    out: list = []
+
+    def thread(sub: int) -> None:
+        start.wait()
+        out.extend(work(store, client_id, index * THREADS_PER_PROCESS + sub))
+
+    pool = [threading.Thread(target=thread, args=(i,)) for i in range(THREADS_PER_PROCESS)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    store.close()
+    results.put(out)
+
+
+def run_in_processes(work: Callable[[StateStore, str, int], list], path: Path, client_id: str):
+    """``work`` run by THREADS_PER_PROCESS threads in each of PROCESSES spawned processes."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    start = context.Barrier(PROCESSES * THREADS_PER_PROCESS)
+    results = context.Queue()
+    processes = [
+        context.Process(target=_process, args=(work, path, client_id, i, start, results))
+        for i in range(PROCESSES)
+    ]
+    for process in processes:
+        process.start()
+    collected = [results.get(timeout=180) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+    assert [process.exitcode for process in processes] == [0] * PROCESSES
+    return [item for out in collected for item in out]
+
+
+def test_processes_racing_on_one_budget_never_overspend(store: StateStore, tmp_path: Path) -> None:
+    budget = 500
+    client, _ = store.create_client("racer", budget)
+    answered = run_in_processes(_charge_until_broke, store.path, client.client_id)
+    reported = [used for _, used in answered]
+    assert sum(size for size, _ in answered) == budget
+    assert store.get_client(client.client_id).used == budget
+    assert store.ledger_total(client.client_id) == budget
+    assert sorted(reported) == sorted(set(reported)), "each charge sees its own usage"
+    assert max(reported) == budget
+    assert len(ledger(tmp_path / "state.sqlite3", client.client_id)) == len(answered)
+
+
+def test_duplicates_of_one_request_id_in_processes_are_charged_once(store: StateStore) -> None:
+    client, _ = store.create_client("dup", 100)
+    results = run_in_processes(_charge_same_request, store.path, client.client_id)
+    assert len(results) == PROCESSES * THREADS_PER_PROCESS
+    assert sum(not replayed for replayed, _ in results) == 1
+    first = results[0][1]
+    assert all(  # one answer; only the charged request says it was charged
+        response == {**first, "charged": 0 if replayed else 5} for replayed, response in results
+    )
+    assert store.get_client(client.client_id).used == 5
+    assert store.ledger_total(client.client_id) == 5
 
 
 def test_budget_zero_client_can_never_be_charged(store: StateStore) -> None:
