@@ -63,7 +63,10 @@ def upload(http: httpx2.Client, key: str, images: np.ndarray, labels: np.ndarray
 
 
 def submit(http: httpx2.Client, key: str, **body: Any) -> str:
-    response = http.post("/v1/training-jobs", json={"arch": "lenet5", **body}, headers=auth(key))
+    """Queue a LeNet-5 job (PRADA only unless ``detectors`` says otherwise: the MI reference
+    takes a while to measure)."""
+    job = {"arch": "lenet5", "detectors": PRADA_ONLY, **body}
+    response = http.post("/v1/training-jobs", json=job, headers=auth(key))
     assert response.status_code == 202, response.text
     return response.json()["job_id"]
 
@@ -118,14 +121,7 @@ def test_upload_train_host_private_and_quota(server: LiveServer) -> None:
             output_policy="probabilities:4",
             detectors={"prada": {"delta": 0.95}, "mi_redundancy": {"window": 20}},
         )
-        private = submit(
-            http,
-            alice,
-            dataset_id=test_id,
-            recipe={"epochs": 1},
-            name="secret",
-            detectors=PRADA_ONLY,
-        )
+        private = submit(http, alice, dataset_id=test_id, recipe={"epochs": 1}, name="secret")
         job = wait_for(http, alice, public, lambda j: j["status"] == "succeeded")
         assert job["status"] == "succeeded", job
         assert job["model"] == "u/alice/my-lenet" and (job["epoch"], job["epochs"]) == (3, 3)
@@ -237,21 +233,13 @@ def test_kill_9_mid_training_resumes_and_completes_exactly_once(
     epochs = 6
     with server.client() as http:
         dataset = upload(http, key, x, y)
-        job_id = submit(
-            http,
-            key,
-            dataset_id=dataset,
-            recipe={"epochs": epochs},
-            name="sturdy",
-            detectors=PRADA_ONLY,
-        )
+        job_id = submit(http, key, dataset_id=dataset, recipe={"epochs": epochs}, name="sturdy")
         waiting = submit(  # one worker: this one is still queued at the kill
             http,
             key,
             dataset_id=dataset,
             recipe={"epochs": 1},
             name="next",
-            detectors=PRADA_ONLY,
         )
         job = wait_for(http, key, job_id, lambda j: j["epoch"] >= 2)
         assert job["status"] == "running" and job["epoch"] < epochs, job
@@ -304,14 +292,7 @@ def test_a_dead_worker_is_replaced_and_its_job_resumed(server: LiveServer) -> No
     x, y = sample("mnist-embedded:target-train", 800, seed=5)
     with server.client() as http:
         dataset = upload(http, key, x, y)
-        job_id = submit(
-            http,
-            key,
-            dataset_id=dataset,
-            recipe={"epochs": 5},
-            name="phoenix",
-            detectors=PRADA_ONLY,
-        )
+        job_id = submit(http, key, dataset_id=dataset, recipe={"epochs": 5}, name="phoenix")
         job = wait_for(http, key, job_id, lambda j: j["epoch"] >= 1)
         assert job["status"] == "running" and job["epoch"] < 5, job
         workers = worker_pids(server.state_dir)
