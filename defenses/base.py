@@ -114,15 +114,21 @@ class DetectorBase(ABC):
     ``observe`` is final: it validates the batch, pins the image shape on first use and hands
     the batch to ``_observe``, which must advance ``queries_seen`` and report every test through
     ``_set_verdict`` (which records ``first_alarm_at``).
+
+    Every detector flags when its statistic falls below its threshold, and names the setting
+    that holds the threshold in ``threshold_setting``: calibration (``defenses.calibration``)
+    reads ``lowest_statistic`` from one unflagged run and sets that setting.
     """
 
     name: ClassVar[str]
+    threshold_setting: ClassVar[str]
 
     def __init__(self, *, threshold: float) -> None:
         self.queries_seen = 0
         self.first_alarm_at: int | None = None
         self.input_shape: tuple[int, ...] | None = None
         self._verdict = Verdict(flagged=False, statistic=None, threshold=threshold)
+        self.lowest_statistic = math.inf  # over every test since built (not saved in the state)
 
     @property
     def verdict(self) -> Verdict:
@@ -150,6 +156,8 @@ class DetectorBase(ABC):
     def _set_verdict(self, flagged: bool, statistic: float | None) -> None:
         """Record a test's outcome after query number ``queries_seen``."""
         self._verdict = Verdict(bool(flagged), statistic, self._verdict.threshold)
+        if statistic is not None:
+            self.lowest_statistic = min(self.lowest_statistic, statistic)
         if flagged and self.first_alarm_at is None:
             self.first_alarm_at = self.queries_seen
 

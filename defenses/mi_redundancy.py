@@ -240,9 +240,12 @@ class MiRedundancyDetector(DetectorBase):
     """The window test of the module docstring, against a benign ``reference``.
 
     ``window`` and ``bins`` default to the reference's and must equal them when given.
+    ``threshold`` defaults to the reference's (its per-window quantile); a per-client
+    calibration (``defenses.calibration``) sets it instead.
     """
 
     name: ClassVar[str] = "mi_redundancy"
+    threshold_setting: ClassVar[str] = "threshold"
 
     def __init__(
         self,
@@ -252,6 +255,7 @@ class MiRedundancyDetector(DetectorBase):
         bins: int | None = None,
         test_every: int = 10,
         min_queries: int | None = None,
+        threshold: float | None = None,
     ) -> None:
         ref = _as_reference(reference)
         for setting, value, expected in (("window", window, ref.window), ("bins", bins, ref.bins)):
@@ -269,7 +273,16 @@ class MiRedundancyDetector(DetectorBase):
             if min_queries is None
             else check_int("min_queries", min_queries, low=2, high=self.window)
         )
-        super().__init__(threshold=ref.threshold)
+        if threshold is None:
+            threshold = ref.threshold
+        elif (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float, np.integer, np.floating))
+            or not math.isfinite(threshold)
+        ):
+            raise DetectorError(f"threshold must be a finite number, got {threshold!r}")
+        self.threshold = float(threshold)
+        super().__init__(threshold=self.threshold)
         self._buffer: np.ndarray | None = None  # (window, pixels) uint8; slot t % window
         self._mi = np.zeros((self.window, self.window))
         self._pending = 0  # newest queries whose MI rows are not computed yet (< test_every)
@@ -297,7 +310,7 @@ class MiRedundancyDetector(DetectorBase):
                 self._update_mi()
                 if self.filled >= self.min_queries:
                     statistic = window_statistic(self._mi[: self.filled, : self.filled])
-                    self._set_verdict(statistic < self.reference.threshold, statistic)
+                    self._set_verdict(statistic < self.threshold, statistic)
 
     def _update_mi(self) -> None:
         """MI of the queries that arrived since the last test (at most ``test_every`` <= window,

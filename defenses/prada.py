@@ -126,6 +126,7 @@ class PradaDetector(DetectorBase):
     """PRADA for one client's stream; flags when the Shapiro-Wilk W falls below ``delta``."""
 
     name: ClassVar[str] = "prada"
+    threshold_setting: ClassVar[str] = "delta"
 
     def __init__(self, *, delta: float = DEFAULT_DELTA) -> None:
         self.delta = check_fraction("delta", delta)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from defenses.calibration import QUICK_CLIENTS
 from defenses.output_policies import parse_policy
 
 DEFAULT_MODELS = ["lenet5-mnist", "c3f2-mnist", "dnn5-mnist"]
@@ -40,7 +41,14 @@ class Settings(BaseSettings):
     detectors: dict[str, dict[str, dict[str, Any]]] = Field(
         default_factory=dict,
         description="Per-model detectors and settings, replacing the default "
-        "{'prada': {'delta': 0.95}, 'mi_redundancy': {}}; {} turns detection off for a model.",
+        "{'prada': {}, 'mi_redundancy': {}}; {} turns detection off for a model. A threshold "
+        "set here overrides the calibrated one.",
+    )
+    calibration_clients: int = Field(
+        default=QUICK_CLIENTS,
+        ge=0,
+        description="Benign clients per population simulated to calibrate the detectors of a "
+        "checkpoint trained at first start (0: do not calibrate).",
     )
     alarm_policies: dict[str, Literal["log", "block"]] = Field(
         default_factory=dict,
