@@ -18,9 +18,12 @@ settings. Errors::
 from __future__ import annotations
 
 import importlib
+import json
 import math
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, final, runtime_checkable
 
 import numpy as np
@@ -241,3 +244,22 @@ def check_fraction(name: str, value: object, *, closed: bool = False) -> float:
         interval = "[0, 1]" if closed else "(0, 1)"
         raise DetectorError(f"{name} must be a number in {interval}, got {value!r}")
     return float(value)
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write ``data`` as indented JSON, creating the folder (references, calibrations)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_json(path: str | os.PathLike[str], what: str) -> Any:
+    """Read a JSON file written by ``write_json``; a missing file or bad JSON names ``what``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DetectorError(f"{path} is not a valid {what}: {exc}") from exc

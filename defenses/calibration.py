@@ -38,7 +38,15 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from defenses.base import DetectorBase, DetectorError, check_fraction, check_int, make_detector
+from defenses.base import (
+    DetectorBase,
+    DetectorError,
+    check_fraction,
+    check_int,
+    make_detector,
+    read_json,
+    write_json,
+)
 from mlcore.streams import NEAR_DUPLICATE_NOISE, NEAR_DUPLICATE_RATE, benign_stream
 
 __all__ = [
@@ -193,19 +201,11 @@ class Calibration:
         return calibration
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Calibration:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DetectorError(f"{path} is not a valid calibration: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "calibration"))
 
 
 def calibrate(

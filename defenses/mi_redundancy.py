@@ -41,6 +41,9 @@ over its life (tests on overlapping windows are strongly correlated, so far fewe
 "normal users submit random queries"): that is the least redundant benign client, so the
 threshold does not assume repeats that some real clients never make. Calibrating with repeats
 raises the threshold (catches more, but flags clients that repeat less than modelled).
+The service replaces this per-window threshold with a per-client one when the model is
+calibrated (``defenses.calibration``: at most a share of benign clients flagged within a
+horizon, with and without near-duplicates); the reference still fixes window and bins.
 
 A window with fewer than ``window`` queries has fewer neighbours per query, so lower nearest
 redundancies; ``min_queries < window`` therefore tests partial windows against a full-window
@@ -50,7 +53,6 @@ statistic it was measured with; a detector with other settings refuses it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -62,7 +64,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from defenses.base import DetectorBase, DetectorError, check_fraction, check_int
+from defenses.base import (
+    DetectorBase,
+    DetectorError,
+    check_fraction,
+    check_int,
+    read_json,
+    write_json,
+)
 from mlcore.streams import benign_stream
 
 __all__ = [
@@ -142,21 +151,11 @@ class MiReference:
         return cls(threshold, statistics, settings)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> MiReference:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"MI reference file {path} does not exist")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DetectorError(f"{path} is not a valid MI reference: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "MI reference"))
 
 
 def calibrate_mi_reference(
