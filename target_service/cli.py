@@ -39,20 +39,27 @@ def train(
     names = models or DEFAULT_MODELS
     _check_models(names)
     configured = Settings().detectors
-    table = Table("model", "test data", "test accuracy", "epochs", "seconds", "checkpoint")
+    table = Table(
+        "model", "test data", "test accuracy", "epochs", "seconds", "checkpoint", "thresholds"
+    )
     for name in names:
         with console.status(f"training {name}..."):
             path = train_target(TARGETS[name], checkpoint_dir, data_root=data_root, epochs=epochs)
-        detection_off = configured.get(name) == {}
-        if calibration_clients and not detection_off:
+        thresholds = "not calibrated"
+        if calibration_clients and configured.get(name) != {}:  # {}: detection is off
             with console.status(f"calibrating the detectors of {name}..."):
-                calibrate_target(
+                calibration = calibrate_target(
                     TARGETS[name],
                     checkpoint_dir,
                     configured.get(name),
                     data_root=data_root,
                     clients=calibration_clients,
                 )
+            thresholds = ", ".join(
+                f"{detector} {setting} {value:.4f}"
+                for detector, settings in calibration.settings().items()
+                for setting, value in settings.items()
+            )
         from mlcore.checkpoints import load_checkpoint
 
         metrics = load_checkpoint(path).metrics
@@ -63,6 +70,7 @@ def train(
             str(metrics["epochs"]),
             str(metrics["train_seconds"]),
             str(path),
+            thresholds,
         )
     console.print(table)
 

@@ -75,3 +75,15 @@ def test_a_calibration_for_another_checkpoint_or_none_is_not_applied(calibrated,
     with caplog.at_level(logging.WARNING, logger="target_service.zoo"):
         assert detector_settings(tmp_path)["prada"] == {}
     assert "has no detector calibration" in caplog.text
+
+
+def test_train_and_first_start_calibrate_with_the_same_quick_client_count():
+    """`train`'s option default is a literal (the CLI imports no torch before it runs)."""
+    import inspect
+
+    from defenses.calibration import QUICK_CLIENTS
+    from target_service.cli import train
+    from target_service.settings import Settings
+
+    default = inspect.signature(train).parameters["calibration_clients"].default
+    assert default == Settings().calibration_clients == QUICK_CLIENTS
