@@ -1,13 +1,18 @@
-"""When do the detectors fire? PRADA (delta sweep) and the MI-redundancy detector against benign
-clients, a random-pool attacker, a DRMI attacker and a JbDA attacker, on the embedded default.
+"""When do the detectors fire, at the same cost to honest customers? PRADA and the MI-redundancy
+detector, each calibrated (``defenses.calibration``) to flag at most 1% and 5% of benign clients
+within 1,000 queries, against a random-pool attacker, a DRMI attacker and a JbDA attacker, on the
+embedded default.
 
-Every stream is what the client would send the service, fed to fresh detectors in requests of
-``--request-size`` images with the target's labels; we report the query index of the first
-alarm (or "not within N"), the false-alarm rate over the benign clients, and the test accuracy
-of a LeNet-5 substitute trained on what each attacker had bought by its first alarm.
+Calibration: benign clients drawing from the target's training split, with and without
+near-duplicates (``target-service calibrate``'s mechanism; the stricter threshold of the two).
+The false-alarm rates are then measured on fresh benign clients drawing from the test split (the
+images ``attacker simulate-benign`` sends). Every attacker stream is fed to fresh detectors in
+requests of ``--request-size`` images with the target's labels; we report the query index of
+the first alarm (or "not within N") and the test accuracy of a LeNet-5 substitute trained on
+what the attacker had bought by then.
 
     python benchmarks/detection.py
-    python benchmarks/detection.py --benign-clients 40 --deltas 0.9 0.95 0.99
+    python benchmarks/detection.py --clients 200 --benign-clients 100 --shares 0.01 0.05
 
 Writes results/detection.json and results/detection.md.
 """
@@ -32,11 +37,16 @@ from attacker.jbda import jbda_extract  # noqa: E402
 from attacker.oracle import LocalOracle  # noqa: E402
 from attacker.selection import make_selector  # noqa: E402
 from defenses.base import make_detector  # noqa: E402
+from defenses.calibration import calibrate  # noqa: E402
 from mlcore.checkpoints import load_checkpoint  # noqa: E402
 from mlcore.datasets import ImageDataset, load_dataset  # noqa: E402
-from mlcore.streams import benign_stream  # noqa: E402
 from mlcore.training import accuracy  # noqa: E402
-from target_service.zoo import TARGETS, mi_reference, train_target  # noqa: E402
+from target_service.zoo import (  # noqa: E402
+    TARGETS,
+    calibrate_target,
+    mi_reference,
+    train_target,
+)
 
 ANCHORS = (
     "Anchors: PRADA reportedly catches JbDA within a few hundred queries with no false alarms "
@@ -99,14 +109,10 @@ def attacker_streams(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--deltas", nargs="+", type=float, default=[0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.98, 0.99]
-    )
-    parser.add_argument("--benign-clients", type=int, default=20)
-    parser.add_argument("--benign-queries", type=int, default=1000)
-    parser.add_argument(
-        "--repeat-rates", nargs="+", type=float, default=[0.0, 0.1], help="benign repeat rates"
-    )
+    parser.add_argument("--shares", nargs="+", type=float, default=[0.01, 0.05])
+    parser.add_argument("--horizon", type=int, default=1000, help="benign queries per client")
+    parser.add_argument("--clients", type=int, default=200, help="calibration clients")
+    parser.add_argument("--benign-clients", type=int, default=100, help="validation clients")
     parser.add_argument(
         "--k", type=int, default=1000, help="queries of the random and DRMI attackers"
     )
@@ -118,6 +124,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "detection.json")
     args = parser.parse_args()
     started = time.perf_counter()
+    torch.set_num_threads(1)
 
     spec = TARGETS["lenet5-mnist"]
     if not (args.checkpoint_dir / f"{spec.name}.pt").exists():
@@ -125,74 +132,62 @@ def main() -> int:
     target = load_checkpoint(args.checkpoint_dir / f"{spec.name}.pt").model
     oracle = LocalOracle(target)
     pool, test = load_dataset("mnist-embedded:pool"), load_dataset("mnist-embedded:test")
-    reference = mi_reference(spec, args.checkpoint_dir)
-    configs = [("prada", {"delta": d}, f"PRADA delta={d:g}") for d in args.deltas] + [
-        (
-            "mi_redundancy",
-            {"reference": reference},
-            f"MI redundancy (FAR {reference.settings['false_alarm_rate']:g})",
-        )
-    ]
-
-    benign = {
-        rate: [
-            benign_stream(
-                test.images, args.benign_queries, repeat_rate=rate, noise=0.02, seed=i
-            ).images.numpy()
-            for i in range(args.benign_clients)
-        ]
-        for rate in args.repeat_rates
+    detectors = {
+        "prada": {},
+        "mi_redundancy": {"reference": mi_reference(spec, args.checkpoint_dir)},
     }
+    calibration = calibrate_target(
+        spec, args.checkpoint_dir, detectors, clients=args.clients, horizon=args.horizon,
+        share=min(args.shares), seed=args.seed,
+    )  # fmt: skip
+    print(f"calibrated in {calibration.source['seconds']} s", flush=True)
+    validation = calibrate(
+        detectors, test.images, lambda x: torch.from_numpy(oracle.predict_labels(x.numpy())),
+        clients=args.benign_clients, horizon=args.horizon, share=max(args.shares),
+        seed=args.seed + 1,
+    )  # fmt: skip
+    print("validated on fresh benign clients", flush=True)
+
     attackers = attacker_streams(target, pool, k=args.k, jbda_k=args.jbda_k, seed=args.seed)
     labels = {name: oracle.predict_labels(stream) for name, stream in attackers.items()}
-    benign_labels = {
-        rate: [oracle.predict_labels(s) for s in streams] for rate, streams in benign.items()
-    }
-
     rows: list[dict[str, Any]] = []
     substitute_cache: dict[tuple[str, int], float] = {}
-    for detector_name, settings, label in configs:
-        for rate, streams in benign.items():
-            alarms = [
-                first_alarm(detector_name, settings, stream, y, args.request_size)[0]
-                for stream, y in zip(streams, benign_labels[rate], strict=True)
-            ]
-            flagged = [a for a in alarms if a is not None]
-            rows.append(
-                {
-                    "detector": label, "client": f"benign x{len(streams)} (repeat rate {rate:g})",
-                    "queries": args.benign_queries, "first_alarm_at": min(flagged) if flagged else None,
-                    "false_alarm_rate": len(flagged) / len(streams), "substitute_accuracy": None,
-                }
-            )  # fmt: skip
-        for name, stream in attackers.items():
-            alarm, statistic = first_alarm(
-                detector_name, settings, stream, labels[name], args.request_size
-            )
-            bought = alarm if alarm is not None else len(stream)
-            if (name, bought) not in substitute_cache:
-                data = ImageDataset(
-                    "stream",
-                    torch.from_numpy(stream[:bought]),
-                    torch.from_numpy(labels[name][:bought]),
-                    10,
-                )
-                model, _, _ = train_substitute(
-                    data,
-                    np.arange(bought),
-                    labels[name][:bought],
-                    epochs=args.epochs,
-                    seed=args.seed,
-                )
-                substitute_cache[(name, bought)] = accuracy(model, test.images, test.labels)
-            rows.append(
-                {
-                    "detector": label, "client": name, "queries": len(stream), "first_alarm_at": alarm,
-                    "false_alarm_rate": None, "substitute_accuracy": substitute_cache[(name, bought)],
-                    "statistic": statistic,
-                }
-            )  # fmt: skip
-        print(f"{label}: done", flush=True)
+    for share in args.shares:
+        for detector_name, base in detectors.items():
+            setting = calibration.detectors[detector_name]["setting"]
+            threshold = calibration.threshold(detector_name, share)
+            benign = {
+                population: float(np.mean([e is not None and e < threshold for e in extremes]))
+                for population, extremes in validation.detectors[detector_name]["extremes"].items()
+            }
+            row: dict[str, Any] = {
+                "share": share, "detector": detector_name, "setting": setting,
+                "threshold": threshold, "benign_false_alarm_rate": benign, "attacks": {},
+            }  # fmt: skip
+            for name, stream in attackers.items():
+                alarm, _ = first_alarm(
+                    detector_name, {**base, setting: threshold}, stream, labels[name],
+                    args.request_size,
+                )  # fmt: skip
+                bought = alarm if alarm is not None else len(stream)
+                if (name, bought) not in substitute_cache:
+                    data = ImageDataset(
+                        "stream",
+                        torch.from_numpy(stream[:bought]),
+                        torch.from_numpy(labels[name][:bought]),
+                        10,
+                    )
+                    model, _, _ = train_substitute(
+                        data, np.arange(bought), labels[name][:bought], epochs=args.epochs,
+                        seed=args.seed,
+                    )  # fmt: skip
+                    substitute_cache[(name, bought)] = accuracy(model, test.images, test.labels)
+                row["attacks"][name] = {
+                    "queries": len(stream), "first_alarm_at": alarm,
+                    "substitute_accuracy": substitute_cache[(name, bought)],
+                }  # fmt: skip
+            rows.append(row)
+            print(f"{detector_name} at {share:g}: done", flush=True)
 
     report = {
         "benchmark": "detection",
@@ -200,34 +195,42 @@ def main() -> int:
         "rows": rows,
         "settings": vars(args)
         | {"checkpoint_dir": str(args.checkpoint_dir), "output": str(args.output)},
-        "mi_reference": {"threshold": reference.threshold, **reference.settings},
+        "calibration": {
+            k: v for k, v in calibration.to_dict().items() if k not in ("detectors", "thresholds")
+        },
         "seconds": round(time.perf_counter() - started, 1),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
-    markdown = to_markdown(rows)
+    markdown = to_markdown(rows, list(attackers), args.benign_clients)
     args.output.with_suffix(".md").write_text(markdown)
     print(markdown)
     print(f"wrote {args.output} in {report['seconds']} s")
     return 0
 
 
-def to_markdown(rows: list[dict[str, Any]]) -> str:
+def to_markdown(rows: list[dict[str, Any]], attackers: list[str], benign_clients: int) -> str:
+    names = {"prada": "PRADA", "mi_redundancy": "MI redundancy"}
     lines = [
-        "| detector | client | queries | first alarm at (benign: earliest) | false-alarm rate | substitute accuracy by then |",
-        "|---|---|---|---|---|---|",
+        "| benign clients flagged (target) | detector | threshold | measured on fresh benign "
+        f"clients ({benign_clients} each) | "
+        + " | ".join(f"{a}: first alarm (substitute accuracy)" for a in attackers)
+        + " |",
+        "|---" * (4 + len(attackers)) + "|",
     ]
     for row in rows:
-        alarm = row["first_alarm_at"]
-        far, acc = row["false_alarm_rate"], row["substitute_accuracy"]
+        measured = ", ".join(f"{p} {r:.0%}" for p, r in row["benign_false_alarm_rate"].items())
         cells = [
-            row["detector"],
-            row["client"],
-            str(row["queries"]),
-            str(alarm) if alarm is not None else f"not within {row['queries']}",
-            "" if far is None else f"{far:.0%}",
-            "" if acc is None else f"{acc:.2%}",
+            f"{row['share']:.0%}",
+            names.get(row["detector"], row["detector"]),
+            f"{row['setting']} = {row['threshold']:.4f}",
+            measured,
         ]
+        for attack in attackers:
+            a = row["attacks"][attack]
+            alarm = a["first_alarm_at"]
+            when = str(alarm) if alarm is not None else f"not within {a['queries']}"
+            cells.append(f"{when} ({a['substitute_accuracy']:.2%})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + ANCHORS + "\n"
 

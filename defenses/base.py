@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, final, runtime_checkable
 
 import numpy as np
@@ -122,15 +125,21 @@ class DetectorBase(ABC):
     ``observe`` is final: it validates the batch, pins the image shape on first use and hands
     the batch to ``_observe``, which must advance ``queries_seen`` and report every test through
     ``_set_verdict`` (which records ``first_alarm_at``).
+
+    Every detector flags when its statistic falls below its threshold, and names the setting
+    that holds the threshold in ``threshold_setting``: calibration (``defenses.calibration``)
+    reads ``lowest_statistic`` from one unflagged run and sets that setting.
     """
 
     name: ClassVar[str]
+    threshold_setting: ClassVar[str]
 
     def __init__(self, *, threshold: float) -> None:
         self.queries_seen = 0
         self.first_alarm_at: int | None = None
         self.input_shape: tuple[int, ...] | None = None
         self._verdict = Verdict(flagged=False, statistic=None, threshold=threshold)
+        self.lowest_statistic = math.inf  # over every test since built (not saved in the state)
 
     @property
     def verdict(self) -> Verdict:
@@ -158,6 +167,8 @@ class DetectorBase(ABC):
     def _set_verdict(self, flagged: bool, statistic: float | None) -> None:
         """Record a test's outcome after query number ``queries_seen``."""
         self._verdict = Verdict(bool(flagged), statistic, self._verdict.threshold)
+        if statistic is not None:
+            self.lowest_statistic = min(self.lowest_statistic, statistic)
         if flagged and self.first_alarm_at is None:
             self.first_alarm_at = self.queries_seen
 
@@ -264,3 +275,22 @@ def check_fraction(name: str, value: object, *, closed: bool = False) -> float:
         interval = "[0, 1]" if closed else "(0, 1)"
         raise DetectorError(f"{name} must be a number in {interval}, got {value!r}")
     return float(value)
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write ``data`` as indented JSON, creating the folder (references, calibrations)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_json(path: str | os.PathLike[str], what: str) -> Any:
+    """Read a JSON file written by ``write_json``; a missing file or bad JSON names ``what``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DetectorError(f"{path} is not a valid {what}: {exc}") from exc

@@ -41,6 +41,9 @@ over its life (tests on overlapping windows are strongly correlated, so far fewe
 "normal users submit random queries"): that is the least redundant benign client, so the
 threshold does not assume repeats that some real clients never make. Calibrating with repeats
 raises the threshold (catches more, but flags clients that repeat less than modelled).
+The service replaces this per-window threshold with a per-client one when the model is
+calibrated (``defenses.calibration``: at most a share of benign clients flagged within a
+horizon, with and without near-duplicates); the reference still fixes window and bins.
 
 A window with fewer than ``window`` queries has fewer neighbours per query, so lower nearest
 redundancies; ``min_queries < window`` therefore tests partial windows against a full-window
@@ -50,7 +53,6 @@ statistic it was measured with; a detector with other settings refuses it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -62,7 +64,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from defenses.base import DetectorBase, DetectorError, check_fraction, check_int
+from defenses.base import (
+    DetectorBase,
+    DetectorError,
+    check_fraction,
+    check_int,
+    read_json,
+    write_json,
+)
 from mlcore.streams import benign_stream
 
 __all__ = [
@@ -143,21 +152,14 @@ class MiReference:
         return cls(threshold, statistics, settings)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> MiReference:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"MI reference file {path} does not exist")
         try:
-            return replace(
-                cls.from_dict(json.loads(path.read_text(encoding="utf-8"))), source=str(path)
-            )
-        except (json.JSONDecodeError, DetectorError) as exc:
+            return replace(cls.from_dict(read_json(path, "MI reference")), source=str(path))
+        except DetectorError as exc:
             raise DetectorError(f"{path} is not a valid MI reference: {exc}") from exc
 
 
@@ -242,9 +244,12 @@ class MiRedundancyDetector(DetectorBase):
     """The window test of the module docstring, against a benign ``reference``.
 
     ``window`` and ``bins`` default to the reference's and must equal them when given.
+    ``threshold`` defaults to the reference's (its per-window quantile); a per-client
+    calibration (``defenses.calibration``) sets it instead.
     """
 
     name: ClassVar[str] = "mi_redundancy"
+    threshold_setting: ClassVar[str] = "threshold"
 
     def __init__(
         self,
@@ -254,6 +259,7 @@ class MiRedundancyDetector(DetectorBase):
         bins: int | None = None,
         test_every: int = 10,
         min_queries: int | None = None,
+        threshold: float | None = None,
     ) -> None:
         ref = _as_reference(reference)
         for setting, value, expected in (("window", window, ref.window), ("bins", bins, ref.bins)):
@@ -272,7 +278,16 @@ class MiRedundancyDetector(DetectorBase):
             if min_queries is None
             else check_int("min_queries", min_queries, low=2, high=self.window)
         )
-        super().__init__(threshold=ref.threshold)
+        if threshold is None:
+            threshold = ref.threshold
+        elif (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float, np.integer, np.floating))
+            or not math.isfinite(threshold)
+        ):
+            raise DetectorError(f"threshold must be a finite number, got {threshold!r}")
+        self.threshold = float(threshold)
+        super().__init__(threshold=self.threshold)
         self._buffer: np.ndarray | None = None  # (window, pixels) uint8; slot t % window
         self._mi = np.zeros((self.window, self.window))
         self._pending = 0  # newest queries whose MI rows are not computed yet (< test_every)
@@ -300,7 +315,7 @@ class MiRedundancyDetector(DetectorBase):
                 self._update_mi()
                 if self.filled >= self.min_queries:
                     statistic = window_statistic(self._mi[: self.filled, : self.filled])
-                    self._set_verdict(statistic < self.reference.threshold, statistic)
+                    self._set_verdict(statistic < self.threshold, statistic)
 
     def _update_mi(self) -> None:
         """MI of the queries that arrived since the last test (at most ``test_every`` <= window,

@@ -151,6 +151,7 @@ class PradaDetector(DetectorBase):
     """
 
     name: ClassVar[str] = "prada"
+    threshold_setting: ClassVar[str] = "delta"
 
     def __init__(
         self, *, delta: float = DEFAULT_DELTA, max_stored: int = DEFAULT_MAX_STORED

@@ -12,6 +12,8 @@ clipped to [0, 1]; uint8 images are rounded back to uint8); otherwise the next i
 random permutation of ``images`` (a fresh permutation each time the images run out). With
 ``repeat_rate=0`` it is the DRMI paper's benign client, who "submits random queries".
 
+``NEAR_DUPLICATE_RATE`` and ``NEAR_DUPLICATE_NOISE`` are the benign client that
+``attacker simulate-benign`` plays by default and that detector calibration must not flag.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["BenignStream", "benign_stream"]
+__all__ = ["NEAR_DUPLICATE_NOISE", "NEAR_DUPLICATE_RATE", "BenignStream", "benign_stream"]
+
+NEAR_DUPLICATE_RATE = 0.1  # share of queries re-sending one of the recent ones
+NEAR_DUPLICATE_NOISE = 0.02  # pixel noise (std, [0, 1] units) on each re-sent query
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 epochs=settings.train_epochs,
                 detectors=settings.detectors.get(name),
                 alarm_policy=settings.alarm_policies.get(name, "log"),
+                calibration_clients=settings.calibration_clients,
             )
             for name in settings.models
         }

@@ -25,19 +25,42 @@ def train(
     ),
     data_root: Annotated[Path | None, typer.Option(help="Root of full datasets.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Override the epochs.")] = None,
+    calibration_clients: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Benign clients per population to calibrate the detectors (0: skip)."
+        ),
+    ] = 100,
 ) -> None:
-    """Train the default targets into checkpoints and print their test accuracy."""
-    from target_service.settings import DEFAULT_MODELS
-    from target_service.zoo import TARGETS, train_target
+    """Train the default targets into checkpoints, print their test accuracy, and calibrate
+    their detectors (TARGET_DETECTORS) as `calibrate` does."""
+    from target_service.settings import DEFAULT_MODELS, Settings
+    from target_service.zoo import TARGETS, calibrate_target, train_target
 
     names = models or DEFAULT_MODELS
-    unknown = [name for name in names if name not in TARGETS]
-    if unknown:
-        raise typer.BadParameter(f"unknown model(s) {unknown}; known: {sorted(TARGETS)}")
-    table = Table("model", "test data", "test accuracy", "epochs", "seconds", "checkpoint")
+    _check_models(names)
+    configured = Settings().detectors
+    table = Table(
+        "model", "test data", "test accuracy", "epochs", "seconds", "checkpoint", "thresholds"
+    )
     for name in names:
         with console.status(f"training {name}..."):
             path = train_target(TARGETS[name], checkpoint_dir, data_root=data_root, epochs=epochs)
+        thresholds = "not calibrated"
+        if calibration_clients and configured.get(name) != {}:  # {}: detection is off
+            with console.status(f"calibrating the detectors of {name}..."):
+                calibration = calibrate_target(
+                    TARGETS[name],
+                    checkpoint_dir,
+                    configured.get(name),
+                    data_root=data_root,
+                    clients=calibration_clients,
+                )
+            thresholds = ", ".join(
+                f"{detector} {setting} {value:.4f}"
+                for detector, settings in calibration.settings().items()
+                for setting, value in settings.items()
+            )
         from mlcore.checkpoints import load_checkpoint
 
         metrics = load_checkpoint(path).metrics
@@ -48,8 +71,84 @@ def train(
             str(metrics["epochs"]),
             str(metrics["train_seconds"]),
             str(path),
+            thresholds,
         )
     console.print(table)
+
+
+@app.command()
+def calibrate(
+    models: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", help="Model(s) to calibrate (default: TARGET_MODELS)."),
+    ] = None,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="Overrides TARGET_CHECKPOINT_DIR.")
+    ] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Root of full datasets.")] = None,
+    share: Annotated[
+        float, typer.Option(help="Most benign clients flagged within the horizon, in (0, 1).")
+    ] = 0.01,
+    horizon: Annotated[int, typer.Option(help="Queries per benign client.")] = 1000,
+    clients: Annotated[int, typer.Option(help="Simulated benign clients per population.")] = 200,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+) -> None:
+    """Set each hosted model's detector thresholds so that at most SHARE of benign clients
+    (with and without near-duplicates) is flagged within HORIZON queries; stored beside the
+    checkpoint as <model>.calibration.json and used by `serve`."""
+    import torch
+
+    from defenses.base import DetectorError
+    from defenses.calibration import check_parameters, threshold_for
+    from target_service.settings import Settings
+    from target_service.zoo import TARGETS, calibrate_target, calibration_path
+
+    settings = Settings()
+    names = models or settings.models
+    _check_models(names)
+    checkpoint_dir = checkpoint_dir or settings.checkpoint_dir
+    data_root = data_root or settings.data_root
+    try:  # bad parameters fail before any model is loaded
+        check_parameters(share, horizon, clients)
+    except DetectorError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    torch.set_num_threads(settings.torch_threads)
+    table = Table("model", "detector", "threshold", "per population", "file")
+    for name in names:
+        detectors = settings.detectors.get(name)
+        if detectors == {}:
+            console.print(f"{name}: detection is off (TARGET_DETECTORS), nothing to calibrate")
+            continue
+        with console.status(f"calibrating {name}...") as status:
+
+            def progress(population: str, done: int, name: str = name) -> None:
+                status.update(f"calibrating {name}: {population}, client {done}/{clients}")
+
+            try:
+                calibration = calibrate_target(
+                    TARGETS[name], checkpoint_dir, detectors, data_root=data_root, share=share,
+                    horizon=horizon, clients=clients, seed=seed, progress=progress,
+                )  # fmt: skip
+            except (FileNotFoundError, DetectorError) as exc:
+                raise typer.BadParameter(str(exc)) from None
+        for detector, entry in calibration.detectors.items():
+            table.add_row(
+                name, detector, f"{entry['setting']} = {calibration.threshold(detector):.4f}",
+                ", ".join(
+                    f"{p.name}: {threshold_for(entry['extremes'][p.name], share):.4f}"
+                    for p in calibration.populations
+                ),
+                str(calibration_path(checkpoint_dir, name)),
+            )  # fmt: skip
+    console.print(table)
+
+
+def _check_models(names: list[str]) -> None:
+    from target_service.zoo import TARGETS
+
+    unknown = [name for name in names if name not in TARGETS]
+    if unknown:
+        raise typer.BadParameter(f"unknown model(s) {unknown}; known: {sorted(TARGETS)}")
 
 
 @app.command()

@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from defenses.base import DetectorError, check_setting_names
+from defenses.calibration import QUICK_CLIENTS
 from defenses.output_policies import parse_policy
 from mlcore.wire import echo
 
@@ -51,7 +52,14 @@ class Settings(BaseSettings):
     detectors: dict[str, dict[str, dict[str, Any]]] = Field(
         default_factory=dict,
         description="Per-model detectors and settings, replacing the default "
-        "{'prada': {'delta': 0.95}, 'mi_redundancy': {}}; {} turns detection off for a model.",
+        "{'prada': {}, 'mi_redundancy': {}}; {} turns detection off for a model. A threshold "
+        "set here overrides the calibrated one.",
+    )
+    calibration_clients: int = Field(
+        default=QUICK_CLIENTS,
+        ge=0,
+        description="Benign clients per population simulated to calibrate the detectors of a "
+        "checkpoint trained at first start (0: do not calibrate).",
     )
     alarm_policies: dict[str, Literal["log", "block"]] = Field(
         default_factory=dict,

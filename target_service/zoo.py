@@ -2,25 +2,44 @@
 
 A missing checkpoint is trained on first start (and logged), so a fresh clone serves real
 models without any download.
+
+Beside each checkpoint ``<name>.pt`` live the MI detector's benign reference
+(``<name>.mi_reference.json``) and the detectors' calibration (``<name>.calibration.json``,
+``defenses.calibration``): thresholds that flag at most 1% of simulated benign clients within
+1,000 queries. A checkpoint trained at first start or by ``target-service train`` is
+calibrated then; ``target-service calibrate`` (re)calibrates. The service applies a calibrated
+threshold unless ``TARGET_DETECTORS`` sets that threshold explicitly; without a calibration
+made for this very checkpoint and these detector settings, a detector keeps its fixed default
+(logged as a warning).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from defenses.calibration import (
+    DEFAULT_HORIZON,
+    DEFAULT_SHARE,
+    QUICK_CLIENTS,
+    Calibration,
+    calibrate,
+    recordable_settings,
+)
 from defenses.mi_redundancy import MiReference, calibrate_mi_reference
 from defenses.output_policies import OutputPolicy, parse_policy
 from mlcore.architectures import build_model
 from mlcore.checkpoints import load_checkpoint, save_checkpoint
 from mlcore.datasets import DATASETS, load_dataset
-from mlcore.training import accuracy, fit, predict_logits, seed_everything
+from mlcore.training import accuracy, fit, predict_labels, predict_logits, seed_everything
 from target_service.detection import AlarmPolicy, DefenceConfig
 
 logger = logging.getLogger(__name__)
@@ -56,7 +75,8 @@ TARGETS: dict[str, TargetSpec] = {
 }
 
 
-DEFAULT_DETECTORS: dict[str, dict[str, Any]] = {"prada": {"delta": 0.95}, "mi_redundancy": {}}
+# Thresholds come from the calibration beside the checkpoint (else each detector's default).
+DEFAULT_DETECTORS: dict[str, dict[str, Any]] = {"prada": {}, "mi_redundancy": {}}
 
 
 @dataclass
@@ -131,7 +151,10 @@ def load_hosted(
     epochs: int | None = None,
     detectors: dict[str, dict[str, Any]] | None = None,
     alarm_policy: AlarmPolicy = "log",
+    calibration_clients: int = QUICK_CLIENTS,
 ) -> HostedModel:
+    """Load a hosted model; train (and, with ``calibration_clients`` > 0, calibrate) it first
+    when its checkpoint is missing and ``train_missing``."""
     if name not in TARGETS:
         raise ValueError(f"model must be one of {sorted(TARGETS)}, got {name!r}")
     spec = TARGETS[name]
@@ -143,8 +166,18 @@ def load_hosted(
             )
         logger.warning("no checkpoint for %s at %s: training it now (first start)", name, path)
         train_target(spec, checkpoint_dir, data_root=data_root, epochs=epochs)
+        if calibration_clients > 0:
+            calibrate_target(
+                spec, checkpoint_dir, detectors, data_root=data_root, clients=calibration_clients
+            )
     checkpoint = load_checkpoint(path)
     info = DATASETS[spec.dataset]
+    configured = _with_references(
+        spec,
+        detectors if detectors is not None else DEFAULT_DETECTORS,
+        checkpoint_dir,
+        data_root,
+    )
     return HostedModel(
         name=name,
         dataset=spec.dataset,
@@ -153,15 +186,7 @@ def load_hosted(
         num_classes=info.num_classes,
         policy=parse_policy(policy),
         metrics=checkpoint.metrics,
-        defence=DefenceConfig(
-            _with_references(
-                spec,
-                detectors if detectors is not None else DEFAULT_DETECTORS,
-                checkpoint_dir,
-                data_root,
-            ),
-            alarm_policy,
-        ),
+        defence=DefenceConfig(_with_calibration(spec, configured, checkpoint_dir), alarm_policy),
     )
 
 
@@ -193,6 +218,110 @@ def _with_references(
         return detectors
     reference = mi_reference(spec, checkpoint_dir, data_root)
     return {**detectors, "mi_redundancy": {**detectors["mi_redundancy"], "reference": reference}}
+
+
+def calibration_path(checkpoint_dir: Path, name: str) -> Path:
+    return checkpoint_dir / f"{name}.calibration.json"
+
+
+def calibrate_target(
+    spec: TargetSpec,
+    checkpoint_dir: Path,
+    detectors: dict[str, dict[str, Any]] | None = None,
+    *,
+    data_root: Path | None = None,
+    share: float = DEFAULT_SHARE,
+    horizon: int = DEFAULT_HORIZON,
+    clients: int = QUICK_CLIENTS,
+    seed: int = 0,
+    progress: Callable[[str, int], None] | None = None,
+) -> Calibration:
+    """Calibrate a target's detectors (default: ``DEFAULT_DETECTORS``) on benign clients drawing
+    from its own training data (benign, disjoint from the attacker's pool), labelled by the
+    target itself; store the calibration beside the checkpoint."""
+    path = checkpoint_path(checkpoint_dir, spec.name)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no checkpoint for {spec.name} at {path} (run `target-service train`)"
+        )
+    model = load_checkpoint(path).model
+    configured = _with_references(
+        spec, DEFAULT_DETECTORS if detectors is None else detectors, checkpoint_dir, data_root
+    )
+    logger.info(
+        "calibrating the detectors %s of %s: %d benign clients per population, %d queries "
+        "each, at most %g%% flagged",
+        sorted(configured), spec.name, clients, horizon, 100 * share,
+    )  # fmt: skip
+    started = time.perf_counter()
+    calibration = calibrate(
+        configured,
+        load_dataset(spec.train_data, data_root=data_root).images,
+        torch.inference_mode()(lambda x: predict_labels(model, x)),
+        share=share,
+        horizon=horizon,
+        clients=clients,
+        seed=seed,
+        progress=progress,
+    )
+    calibration = replace(
+        calibration,
+        source={
+            "model": spec.name,
+            "images": spec.train_data,
+            "checkpoint_sha256": _sha256(path),
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    )
+    calibration.save(calibration_path(checkpoint_dir, spec.name))
+    logger.info("calibrated %s: %s", spec.name, calibration.settings())
+    return calibration
+
+
+def _with_calibration(
+    spec: TargetSpec, detectors: dict[str, dict[str, Any]], checkpoint_dir: Path
+) -> dict[str, dict[str, Any]]:
+    """The detector settings with calibrated thresholds added where none is set explicitly and
+    the calibration was made for this checkpoint and these settings."""
+    path = calibration_path(checkpoint_dir, spec.name)
+    if not detectors:
+        return detectors
+    if not path.exists():
+        logger.warning(
+            "%s has no detector calibration (%s): detectors keep their fixed default "
+            "thresholds; run `target-service calibrate`",
+            spec.name, path,
+        )  # fmt: skip
+        return detectors
+    calibration = Calibration.load(path)
+    if calibration.source.get("checkpoint_sha256") != _sha256(
+        checkpoint_path(checkpoint_dir, spec.name)
+    ):
+        logger.warning(
+            "%s was made for another checkpoint of %s and is ignored; run "
+            "`target-service calibrate`",
+            path, spec.name,
+        )  # fmt: skip
+        return detectors
+    out = {}
+    for name, settings in detectors.items():
+        entry = calibration.detectors.get(name)
+        if entry is None or entry["setting"] in settings:
+            out[name] = settings  # not calibrated, or set explicitly (which wins)
+        elif entry["settings"] != recordable_settings(settings):
+            logger.warning(
+                "%s calibrated %s with settings %s, not %s: not applied; run "
+                "`target-service calibrate`",
+                path, name, entry["settings"], recordable_settings(settings),
+            )  # fmt: skip
+            out[name] = settings
+        else:
+            out[name] = {**settings, entry["setting"]: calibration.threshold(name)}
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # -- models clients trained (training jobs) -----------------------------------------------------

@@ -192,3 +192,42 @@ def test_cli_jbda_is_blocked_and_a_benign_simulator_is_not(
     assert report["method"] == "jbda" and report["stopped_by"] == "blocked"
     assert report["queries_bought"] < 800
     assert admin(server, f"/v1/admin/clients/{jbda_id}")["queries_used"] == report["queries_bought"]
+
+
+@pytest.mark.slow
+def test_the_default_service_raises_no_alarm_on_the_default_benign_simulator(tmp_path) -> None:
+    """Defaults that agree: a first start trains the missing checkpoint and calibrates its
+    detectors (default share, horizon and clients; a 1-epoch model to keep it short), and the
+    default `attacker simulate-benign` (1,000 queries, 10% near-duplicates) raises no alarm in
+    either default detector. With the old fixed PRADA delta 0.95 it was flagged at query 130."""
+    import subprocess
+    import sys
+
+    from defenses.calibration import Calibration
+
+    checkpoint_dir = tmp_path / "checkpoints"
+    server = LiveServer(
+        checkpoint_dir=checkpoint_dir,
+        state_dir=tmp_path / "state",
+        log_path=tmp_path / "server.log",
+        env={"train_missing": True, "train_epochs": 1},
+        startup_timeout=1800,
+    )
+    with server:
+        calibration = Calibration.load(checkpoint_dir / "lenet5-mnist.calibration.json")
+        assert (calibration.share, calibration.horizon) == (0.01, 1000)
+        client_id, key = admin_create_client(server, "benign", budget=1000)
+        subprocess.run(
+            [sys.executable, "-m", "attacker.cli", "simulate-benign", "--url", server.url,
+             "--api-key", key],
+            check=True, timeout=900,
+        )  # fmt: skip
+        view = admin(server, f"/v1/admin/clients/{client_id}")
+        assert view["queries_used"] == 1000
+        assert set(view["detectors"]) == {"prada", "mi_redundancy"}
+        for name, detector in view["detectors"].items():
+            assert detector["queries_seen"] == 1000
+            assert detector["statistic"] is not None
+            assert detector["threshold"] == calibration.threshold(name)
+            assert detector["first_alarm_at"] is None, (name, detector)
+        assert admin(server, "/v1/admin/alarms") == []
