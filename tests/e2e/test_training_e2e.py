@@ -17,8 +17,10 @@ from typing import Any
 import httpx2
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from attacker.oracle import HttpOracle
+from defenses.cli import app
 from mlcore.datasets import load_dataset
 from mlcore.wire import encode_tensor
 from target_service.testing import LiveServer
@@ -163,10 +165,6 @@ def test_upload_train_host_private_and_quota(server: LiveServer) -> None:
 
 
 def test_defender_cli_uploads_trains_and_follows(server: LiveServer, tmp_path: Path) -> None:
-    from typer.testing import CliRunner
-
-    from defenses.cli import app
-
     key = create_client(server, "dana", budget=10, quota=10_000)
     x, y = sample("mnist-embedded:target-train", 300, seed=4)
     np.savez(tmp_path / "mine.npz", images=x, labels=y)

@@ -8,6 +8,7 @@ code, a message naming what was wrong, nothing created and nothing charged.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from mlcore.checkpoints import load_checkpoint
@@ -107,28 +109,6 @@ def upload_digits(http: TestClient, key: str, n: int = 200, *, seed: int = 0) ->
 def submit(http: TestClient, key: str, **body: Any) -> Any:
     job = {"arch": "lenet5", "recipe": TINY, "name": "mine", "detectors": PRADA_ONLY, **body}
     return http.post("/v1/training-jobs", json=job, headers=bearer(key))
-
-
-def account(http: TestClient, key: str) -> dict[str, Any]:
-    """The admin's view of the client holding ``key``."""
-    clients = http.get("/v1/admin/clients", headers=ADMIN_HEADERS).json()
-    me = http.get("/v1/datasets", headers=bearer(key))
-    assert me.status_code == 200
-    for client in clients:
-        view = http.get(f"/v1/admin/clients/{client['client_id']}", headers=ADMIN_HEADERS).json()
-        if _owns(http, key, client["client_id"]):
-            return view
-    raise AssertionError("no client for this key")
-
-
-def _owns(http: TestClient, key: str, client_id: str) -> bool:
-    return any(
-        job["client_id"] == client_id
-        for job in http.get("/v1/admin/training-jobs", headers=ADMIN_HEADERS).json()
-    ) or any(
-        row["client_id"] == client_id
-        for row in http.get("/v1/admin/datasets", headers=ADMIN_HEADERS).json()
-    )
 
 
 def run_queued_job(settings: Settings) -> None:
@@ -339,8 +319,6 @@ def test_dataset_upload_list_get_delete_owner_only(
     response = upload(http, owner, body)
     assert response.status_code == 201, response.text
     created = response.json()
-    import hashlib
-
     assert created["n"] == 50 and created["shape"] == [1, 28, 28] and created["classes"] == 10
     assert created["sha256"] == hashlib.sha256(body).hexdigest()
     dataset_id = created["dataset_id"]
@@ -536,8 +514,6 @@ def test_trained_private_model_is_hosted_for_its_owner_only(
     assert answered.status_code == 200, answered.text
     assert answered.json()["queries_used"] == 30  # metered like any model
     checkpoint = load_checkpoint(user_model_path(app_settings.state_dir, job_id))
-    import torch
-
     expected = predict_labels(checkpoint.model, torch.from_numpy(x)).tolist()
     assert answered.json()["labels"] == expected  # the trained weights answer
     view = account_by_name(http, "pat")
