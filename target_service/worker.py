@@ -253,6 +253,7 @@ class JobRunner:
                 generator=generator,
             )
             train_accuracy = accuracy(model, inputs, targets)
+            self._check_claim()
             self._save_resume(model, optimizer, generator, epoch, loss, train_accuracy)
             if not self.store.record_epoch(
                 self.job_id, self.token, epoch=epoch, loss=loss, train_accuracy=train_accuracy
@@ -260,8 +261,17 @@ class JobRunner:
                 raise JobLost
         metrics = self._final_metrics(model, images, labels, train_index, validation_index)
         metrics["train_seconds_last_attempt"] = round(time.perf_counter() - started, 2)
+        self._check_claim()
         self._publish(model, arch_kwargs, images[train_index], metrics)
         return metrics
+
+    def _check_claim(self) -> None:
+        """Raise JobLost unless the job is still this worker's (renewing its lease): a worker
+        that lost the job writes none of its files."""
+        if not self.store.renew_lease(
+            self.job_id, self.token, lease_seconds=self.settings.training_lease_seconds
+        ):
+            raise JobLost
 
     def _resume(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator

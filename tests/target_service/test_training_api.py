@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,7 +30,7 @@ from target_service.datasets import validate_npz
 from target_service.errors import ServiceError
 from target_service.settings import Settings
 from target_service.state import StateStore
-from target_service.worker import run_next_job
+from target_service.worker import JobRunner, resume_path, run_next_job
 from target_service.zoo import user_mi_reference_path, user_model_path
 
 ADMIN = "test-admin-token"
@@ -635,3 +636,26 @@ def test_upload_headers_are_checked_before_the_body_is_streamed(http: TestClient
     assert gzipped.status_code == 400, gzipped.text
     assert gzipped.json()["error"]["code"] == "unsupported_content_encoding"
     assert http.get("/v1/datasets", headers=bearer(key)).json() == []
+
+
+def test_a_worker_that_lost_its_job_writes_and_records_nothing(
+    http: TestClient, app_settings: Settings
+) -> None:
+    key = create_client(http, "vic")
+    dataset = upload_digits(http, key, 40)
+    job_id = submit(http, key, dataset_id=dataset, name="contested").json()["job_id"]
+    store = StateStore(app_settings.state_path)
+    try:
+        stale = store.claim_job("stale", lease_seconds=0.01)
+        assert stale is not None and stale["job_id"] == job_id
+        time.sleep(0.05)
+        assert store.claim_job("fresh", lease_seconds=60) is not None  # the lease ran out
+        JobRunner(store, app_settings, stale, "stale", os.getppid()).run()  # drops the job
+        job = store.get_job(job_id)
+        assert (job["status"], job["claim_token"], job["epoch"]) == ("running", "fresh", 0)
+        assert store.epoch_log(job_id) == []
+        assert not resume_path(app_settings.state_dir, job_id).exists()
+        assert not user_model_path(app_settings.state_dir, job_id).exists()
+        store.cancel_job(job_id)
+    finally:
+        store.close()
