@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 import sqlite3
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +27,10 @@ import httpx2
 import numpy as np
 import torch
 
+from mlcore import client as api
 from mlcore.checkpoints import load_checkpoint
+from mlcore.client import ServiceClient
 from mlcore.training import predict_labels
-from mlcore.wire import encode_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +163,9 @@ class AnswerCache:
 class HttpOracle:
     """Buys labels over HTTP in batches, with retries that never pay twice.
 
-    Each batch carries a ``request_id`` derived from its content (and ``request_nonce``), so a
+    Requests, retries (backoff on 429, 5xx and network errors) and the service's error shape are
+    ``mlcore.client.ServiceClient``'s, the one client of the service API; this class maps its
+    refusals onto the oracle errors and keeps the meter and the answer cache. Each batch carries a ``request_id`` derived from its content (and ``request_nonce``), so a
     retry after a lost answer (or a crash of either side) gets the stored answer back instead of
     being charged again; a client that means to pay again for the same images (a benign user
     re-sending them in a new session) gives each session its own nonce.
@@ -191,12 +192,16 @@ class HttpOracle:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         self.url, self.model = url.rstrip("/"), model
-        self.batch_size, self.max_retries, self.backoff = batch_size, max_retries, backoff
-        self._client = client or httpx2.Client(base_url=self.url, timeout=timeout)
-        self._headers = {"Authorization": f"Bearer {api_key}"}
+        self.batch_size = batch_size
+        self._service = ServiceClient(
+            self.url,
+            api_key,
+            max_retries=max_retries,
+            backoff=backoff,
+            timeout=timeout,
+            client=client,
+        )
         namespace = cache_namespace(self.url, model, None if shared_cache else api_key)
         self._cache = AnswerCache(cache_path, namespace) if cache_path else None
         self._on_batch = on_batch
@@ -206,7 +211,7 @@ class HttpOracle:
         self._last_used: int | None = None  # the server's queries_used in its latest charge
 
     def close(self) -> None:
-        self._client.close()
+        self._service.close()
         if self._cache is not None:
             self._cache.close()
 
@@ -250,30 +255,17 @@ class HttpOracle:
         request_id = hashlib.sha256(
             f"{self._nonce}{self.model}|{batch.shape}".encode() + batch.tobytes()
         ).hexdigest()[:40]
-        body = {"inputs": encode_tensor(batch).model_dump(), "request_id": request_id}
-        path = f"/v1/models/{self.model}/predict"
-        for attempt in range(self.max_retries + 1):
-            try:
-                response = self._client.post(path, json=body, headers=self._headers)
-            except httpx2.TransportError as exc:
-                problem = f"network error: {exc!r}"
-            else:
-                if response.status_code == 200:
-                    return self._settle(response.json(), len(batch), retried=attempt > 0)
-                message = _error_message(response)
-                if response.status_code == 402:
-                    raise BudgetExhausted(f"budget exhausted: {message}", np.empty(0, np.int64))
-                if response.status_code == 403:
-                    raise Blocked(f"blocked by the service: {message}", np.empty(0, np.int64))
-                if response.status_code != 429 and response.status_code < 500:
-                    raise OracleRejected(f"HTTP {response.status_code}: {message}")
-                problem = f"HTTP {response.status_code}: {message}"
-            if attempt == self.max_retries:
-                raise OracleUnavailable(f"gave up after {attempt + 1} attempts; last: {problem}")
-            delay = self.backoff * 2**attempt * (0.5 + random.random())
-            logger.warning("%s; retrying in %.2f s with the same request_id", problem, delay)
-            time.sleep(delay)
-        raise AssertionError("unreachable")
+        try:
+            reply = self._service.predict(self.model, batch, request_id=request_id)
+        except api.BudgetExhausted as exc:
+            raise BudgetExhausted(f"budget exhausted: {exc}", np.empty(0, np.int64)) from None
+        except api.Blocked as exc:
+            raise Blocked(f"blocked by the service: {exc}", np.empty(0, np.int64)) from None
+        except api.Rejected as exc:
+            raise OracleRejected(str(exc)) from None
+        except api.Unavailable as exc:
+            raise OracleUnavailable(str(exc)) from None
+        return self._settle(reply.body, len(batch), retried=reply.attempts > 1)
 
     def _settle(self, payload: dict, images: int, *, retried: bool) -> np.ndarray:
         """Labels of a 200 answer; the meter takes the server's own figures.
@@ -306,14 +298,6 @@ class HttpOracle:
             self._last_used = max(used, self._last_used or 0)
             self.queries_remaining = payload.get("queries_remaining")
         return np.asarray(labels, dtype=np.int64)
-
-
-def _error_message(response: httpx2.Response) -> str:
-    try:
-        error = response.json()["error"]
-        return f"{error['code']}: {error['message']}"
-    except (ValueError, KeyError, TypeError):
-        return response.text[:200]
 
 
 @dataclass

@@ -86,6 +86,46 @@ def build_model(arch: str, **arch_kwargs: int) -> nn.Module:
     return factory(**arch_kwargs)
 
 
+def arch_kwargs_for(
+    arch: str, input_shape: tuple[int, int, int], num_classes: int
+) -> dict[str, int]:
+    """The keyword arguments that build ``arch`` for ``input_shape`` (C, H, W) images."""
+    channels, height, width = input_shape
+    kwargs = {"in_channels": channels, "num_classes": num_classes}
+    if arch == "dnn5":
+        if height != width:
+            raise ValueError(f"dnn5 needs square images, got {height}x{width}")
+        kwargs["image_size"] = height
+    return kwargs
+
+
+@torch.no_grad()
+def check_input_shape(arch: str, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    """Raise ValueError unless ``arch`` accepts images of ``input_shape`` (C, H, W): one forward
+    pass of two blank images, so the rule is the architecture itself, not a copy of it."""
+    model = build_model(arch, **arch_kwargs_for(arch, input_shape, num_classes))
+    try:
+        out = model.eval()(torch.zeros(2, *input_shape))
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{arch} does not accept images of shape {list(input_shape)}: {str(exc)[:200]}"
+        ) from None
+    if tuple(out.shape) != (2, num_classes):
+        raise ValueError(f"{arch} gives output {list(out.shape)} for {list(input_shape)} images")
+
+
+def accepting_architectures(input_shape: tuple[int, int, int], num_classes: int) -> list[str]:
+    """The architectures that accept images of ``input_shape``."""
+    accepted = []
+    for arch in ARCHITECTURES:
+        try:
+            check_input_shape(arch, input_shape, num_classes)
+        except ValueError:
+            continue
+        accepted.append(arch)
+    return accepted
+
+
 @torch.no_grad()
 def layer_output_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, tuple]]:
     """(layer type, output shape without batch) for every conv, pool and linear layer, in order."""

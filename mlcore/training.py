@@ -43,23 +43,40 @@ def fit(
     inputs, targets = as_model_input(images), labels.long()
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
     for epoch in range(epochs):
-        order = torch.randperm(len(inputs), generator=generator)
-        total = 0.0
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            optimizer.zero_grad()
-            loss = loss_fn(model(inputs[batch]), targets[batch])
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-        mean_loss = total / len(order)
+        mean_loss = train_epoch(
+            model, optimizer, inputs, targets, batch_size=batch_size, generator=generator
+        )
         logger.debug("epoch %d/%d loss %.4f", epoch + 1, epochs, mean_loss)
         if progress is not None:
             progress(epoch + 1, epochs, mean_loss)
     return model.eval()
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+) -> float:
+    """One pass over ``inputs`` (float, model-ready) in an order drawn from ``generator``;
+    returns the mean cross-entropy. Resumable training saves the optimizer's and the generator's
+    state between epochs, so a resumed run draws the same batches as an uninterrupted one."""
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    order = torch.randperm(len(inputs), generator=generator)
+    total = 0.0
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        optimizer.zero_grad()
+        loss = loss_fn(model(inputs[batch]), targets[batch])
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(batch)
+    return total / len(order)
 
 
 @torch.no_grad()

@@ -26,12 +26,12 @@ from target_service.errors import (
     BadRequest,
     BodyTimeout,
     LengthRequired,
-    PayloadTooLarge,
     ServiceError,
+    body_too_large,
     documented,
 )
 from target_service.metrics import ServiceMetrics
-from target_service.routes import admin, public
+from target_service.routes import admin, datasets, public, training
 from target_service.service import TargetService
 from target_service.settings import Settings
 from target_service.state import StateStore
@@ -69,11 +69,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics=metrics,
             snapshot_every=settings.snapshot_every,
         )
-        app.state.service = TargetService(settings, store, models, metrics, detection)
+        service = TargetService(settings, store, models, metrics, detection)
+        app.state.service = service
+        service.workers.supervise(store)  # also resumes jobs left by a restart or a dead worker
         logger.info("serving %s with state in %s", sorted(models), settings.state_path)
         try:
             yield
         finally:
+            service.workers.stop()
             detection.close()
             store.close()
 
@@ -86,11 +89,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(public.router)
     app.include_router(admin.router)
+    app.include_router(datasets.router)
+    app.include_router(training.router)
     # the last added runs first: the key is checked, then the body is read
     app.add_middleware(
-        RequestBodyGuard, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout
+        RequestBodyGuard,
+        max_bytes=settings.max_body_bytes,
+        timeout=settings.body_timeout,
+        streamed={datasets.router.prefix: settings.max_dataset_bytes},
     )
-    app.add_middleware(AuthGate, routes=[*public.router.routes, *admin.router.routes])
+    app.add_middleware(
+        AuthGate,
+        routes=[
+            *public.router.routes,
+            *admin.router.routes,
+            *datasets.router.routes,
+            *training.router.routes,
+        ],
+    )
     _install_error_handlers(app)
     return app
 
@@ -208,18 +224,35 @@ class RequestBodyGuard:
 
     Relaxing the Content-Type is safe here: every route that takes a body needs an
     ``Authorization`` header, which a cross-site browser request cannot send without a CORS
-    preflight.
+    preflight. Paths under a ``streamed`` prefix (dataset uploads) get the header checks with
+    their own size limit and then pass through unread: their route streams the body to disk,
+    enforcing that limit and the same deadline as it goes.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout: float) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        timeout: float,
+        streamed: Mapping[str, int] | None = None,
+    ) -> None:
         self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+        self.streamed = dict(streamed or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
+        streamed_limit = next(
+            (limit for prefix, limit in self.streamed.items() if scope["path"].startswith(prefix)),
+            None,
+        )
         try:
-            self._check_headers(Headers(scope=scope))
+            self._check_headers(Headers(scope=scope), streamed_limit or self.max_bytes)
+            if streamed_limit is not None:
+                await self.app(scope, receive, send)
+                return
             async with asyncio.timeout(self.timeout):
                 body = await self._read(receive)
         except TimeoutError:
@@ -238,7 +271,7 @@ class RequestBodyGuard:
             scope, receive, send
         )
 
-    def _check_headers(self, headers: Headers) -> None:
+    def _check_headers(self, headers: Headers, max_bytes: int) -> None:
         encoding = headers.get("content-encoding", "identity").strip().lower()
         if encoding != "identity":
             raise BadRequest(
@@ -251,8 +284,8 @@ class RequestBodyGuard:
                 raise LengthRequired(
                     "a request body needs a Content-Length header (or chunked Transfer-Encoding)"
                 )
-        elif declared.isdigit() and int(declared) > self.max_bytes:
-            raise self._too_large()
+        elif declared.isdigit() and int(declared) > max_bytes:
+            raise body_too_large(max_bytes)
 
     async def _read(self, receive: Receive) -> bytes | None:
         chunks, size, more = [], 0, True
@@ -263,14 +296,9 @@ class RequestBodyGuard:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                raise self._too_large()
+                raise body_too_large(self.max_bytes)
             more = message.get("more_body", False)
         return b"".join(chunks)
-
-    def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(
-            f"request body over the limit of {self.max_bytes} bytes", code="body_too_large"
-        )
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         replayed = False

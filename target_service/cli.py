@@ -191,5 +191,23 @@ def serve(
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
 
 
+@app.command("train-worker")
+def train_worker(
+    state_dir: Annotated[Path | None, typer.Option(help="Overrides TARGET_STATE_DIR.")] = None,
+    log_level: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Run queued training jobs from the state database (``serve`` starts these itself)."""
+    from target_service.settings import Settings
+    from target_service.worker import run_worker
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = Settings()
+    if state_dir is not None:
+        settings.state_dir = state_dir
+    run_worker(settings)
+
+
 if __name__ == "__main__":
     app()

@@ -75,9 +75,19 @@ def require_metrics_access(_: Credentials) -> None:
     """Marks /metrics; AuthGate checks the admin token unless metrics are public."""
 
 
+def get_optional_client(request: Request, service: ServiceDep, _: Credentials) -> Client | None:
+    """The calling client when a key is sent (401 if it is not valid), else None: a public
+    route (no body, so AuthGate leaves it alone) that shows a client more when it says who it is."""
+    authorization = request.headers.get("authorization")
+    if authorization is None:
+        return None
+    return check_access(service, Access.CLIENT, authorization)
+
+
 ClientDep = Annotated[Client, Depends(get_client)]
 AdminDep = Annotated[None, Depends(require_admin)]
 MetricsDep = Annotated[None, Depends(require_metrics_access)]
+OptionalClientDep = Annotated[Client | None, Depends(get_optional_client)]
 
 _ACCESS_BY_DEPENDENCY = {
     get_client: Access.CLIENT,

@@ -106,6 +106,14 @@ class DetectionHub:
             (e["client_id"], e["model"], e["detector"]) for e in store.list_detector_errors()
         }
 
+    def add_model(self, model: str, config: DefenceConfig) -> None:
+        """Watch a model hosted after start-up (a client's trained model); raises
+        DetectorError if its detector settings do not build."""
+        prototypes = build_detectors({model: config})
+        with self._guard:
+            self._prototypes.update(prototypes)
+            self.configs[model] = config
+
     def watches(self, model: str) -> bool:
         config = self.configs.get(model)
         return config is not None and bool(config.detectors)

@@ -5,9 +5,10 @@ ServiceError (code, status)
 ├── Unauthorized      401  missing / unknown / revoked API key
 ├── Forbidden         403  not an admin, or blocked by a detector
 ├── BudgetExhausted   402  the batch does not fit the remaining budget
+│   └── QuotaExceeded 402  a training job does not fit the remaining training quota
 ├── NotFound          404  unknown model or client
 ├── BodyTimeout       408  the body did not arrive in time
-├── Conflict          409  a request_id reused for different inputs
+├── Conflict          409  a request_id reused for different inputs, a model name taken
 ├── LengthRequired    411  a body without Content-Length or chunked encoding
 ├── PayloadTooLarge   413  batch or body over the limit
 ├── InvalidInput      422  shape, dtype, values, JSON
@@ -77,6 +78,10 @@ class BudgetExhausted(ServiceError):
     status, code = 402, "budget_exhausted"
 
 
+class QuotaExceeded(BudgetExhausted):
+    code = "training_quota_exceeded"
+
+
 class NotFound(ServiceError):
     status, code = 404, "not_found"
 
@@ -95,6 +100,13 @@ class Conflict(ServiceError):
 
 class PayloadTooLarge(ServiceError):
     status, code = 413, "payload_too_large"
+
+
+def body_too_large(max_bytes: int) -> PayloadTooLarge:
+    """The one refusal of a request body over ``max_bytes`` (read whole or streamed)."""
+    return PayloadTooLarge(
+        f"request body over the limit of {max_bytes} bytes", code="body_too_large"
+    )
 
 
 class InvalidInput(ServiceError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from mlcore.wire import PredictRequest, TensorTooLarge, WireError, decode_tensor, echo
+from target_service.datasets import DatasetFiles
 from target_service.detection import DetectionHub
 from target_service.errors import (
     BudgetExhausted,
@@ -27,7 +29,8 @@ from target_service.metrics import ServiceMetrics
 from target_service.rate_limit import RateLimiter
 from target_service.settings import Settings
 from target_service.state import Client, StateStore
-from target_service.zoo import HostedModel
+from target_service.worker import WorkerPool
+from target_service.zoo import HostedModel, load_user_model, model_card, user_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +50,55 @@ class TargetService:
         self.metrics = metrics
         self.detection = detection
         self.rate_limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
+        self.workers = WorkerPool(settings)
+        self.dataset_files = DatasetFiles(settings.state_dir / "datasets")
+        self._user_models: dict[str, HostedModel] = {}
+        self._user_models_lock = threading.Lock()
 
-    def model(self, name: str) -> HostedModel:
-        try:
-            return self.models[name]
-        except KeyError:
+    def model(self, name: str, client_id: str | None = None) -> HostedModel:
+        """A hosted model as ``client_id`` may see it: another client's private model is
+        "not found", exactly like a name that does not exist."""
+        hosted = self.models.get(name) or self._user_model(name)
+        if hosted is None or not hosted.visible_to(client_id):
             raise NotFound(
-                f"no model named {echo(name)}; hosted: {sorted(self.models)}", code="unknown_model"
-            ) from None
+                f"no model named {echo(name)}; the operator hosts {sorted(self.models)}, "
+                "and GET /v1/models lists every model you can use",
+                code="unknown_model",
+            )
+        return hosted
+
+    def model_cards(self, client_id: str | None) -> list[dict[str, Any]]:
+        """``GET /v1/models``: the operator's models, then every public client model and the
+        caller's own private ones (read from the jobs: listing loads no model)."""
+        return [
+            *(model_card(hosted) for hosted in self.models.values()),
+            *(
+                user_model_card(job)
+                for job in self.store.hosted_jobs()
+                if job["publish"] == "public" or job["client_id"] == client_id
+            ),
+        ]
+
+    def _user_model(self, name: str) -> HostedModel | None:
+        """A client's trained model, loaded from its job's checkpoint on first use (the API
+        process learns of new models from the state database, not from the workers)."""
+        if not name.startswith("u/"):
+            return None
+        with self._user_models_lock:
+            hosted = self._user_models.get(name)
+            if hosted is None:
+                job = self.store.hosted_job(name)
+                if job is None:
+                    return None
+                hosted = load_user_model(job, self.settings.state_dir)
+                self.detection.add_model(name, hosted.defence)
+                self._user_models[name] = hosted
+                logger.info("hosting %s (job %s)", name, job["job_id"])
+        return hosted
 
     def predict(self, client: Client, name: str, request: PredictRequest) -> dict[str, Any]:
         started = time.perf_counter()
-        hosted = self.model(name)
+        hosted = self.model(name, client.client_id)
         self.rate_limiter.check(client.client_id)
         images = self._decode(hosted, request)
         fingerprint = _fingerprint(name, images)

@@ -75,6 +75,30 @@ class Settings(BaseSettings):
         "and on a small machine one thread per op is several times faster than two.",
     )
 
+    training_workers: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="Training worker processes, started when the first job is queued; "
+        "0 = jobs wait in the queue.",
+    )
+    training_lease_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A running job whose worker has not renewed its lease for this long is "
+        "resumed by another worker from its last epoch checkpoint.",
+    )
+    training_poll_seconds: float = Field(
+        default=1.0, gt=0, description="How often an idle worker looks for queued jobs."
+    )
+    max_dataset_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024, description="Largest dataset upload (npz bytes)."
+    )
+    max_dataset_unpacked_bytes: int = Field(
+        default=1024 * 1024 * 1024, ge=1024, description="Largest npz once unpacked."
+    )
+    max_dataset_classes: int = Field(default=1000, ge=2)
+
     @field_validator("admin_token")
     @classmethod
     def _admin_token_is_long(cls, value: SecretStr | None) -> SecretStr | None:

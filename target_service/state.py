@@ -23,14 +23,22 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from mlcore.wire import echo
-from target_service.errors import BudgetExhausted, Conflict, NotFound, Unauthorized
+from target_service.errors import (
+    BudgetExhausted,
+    Conflict,
+    NotFound,
+    QuotaExceeded,
+    Unauthorized,
+)
+from target_service.training_jobs import FINAL, sources
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
@@ -88,6 +96,64 @@ CREATE TABLE IF NOT EXISTS detector_errors (
     created_at  REAL NOT NULL,
     PRIMARY KEY (client_id, model, detector)
 );
+CREATE TABLE IF NOT EXISTS training_quotas (
+    client_id   TEXT PRIMARY KEY REFERENCES clients(client_id),
+    quota       INTEGER NOT NULL CHECK (quota >= 0),
+    used        INTEGER NOT NULL DEFAULT 0 CHECK (used >= 0 AND used <= quota)
+);
+CREATE TABLE IF NOT EXISTS training_ledger (
+    entry_id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    client_id    TEXT NOT NULL REFERENCES clients(client_id),
+    job_id       TEXT NOT NULL,
+    image_epochs INTEGER NOT NULL,
+    reason       TEXT NOT NULL,
+    created_at   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS datasets (
+    dataset_id  TEXT PRIMARY KEY,
+    client_id   TEXT NOT NULL REFERENCES clients(client_id),
+    name        TEXT NOT NULL,
+    n           INTEGER NOT NULL,
+    shape       TEXT NOT NULL,
+    dtype       TEXT NOT NULL,
+    classes     INTEGER NOT NULL,
+    sha256      TEXT NOT NULL,
+    bytes       INTEGER NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS training_jobs (
+    job_id          TEXT PRIMARY KEY,
+    client_id       TEXT NOT NULL REFERENCES clients(client_id),
+    dataset_id      TEXT NOT NULL,
+    spec            TEXT NOT NULL,
+    model           TEXT NOT NULL,
+    publish         TEXT NOT NULL,
+    status          TEXT NOT NULL,
+    epochs          INTEGER NOT NULL,
+    train_images    INTEGER NOT NULL,
+    epoch           INTEGER NOT NULL DEFAULT 0,
+    loss            REAL,
+    train_accuracy  REAL,
+    metrics         TEXT,
+    error           TEXT,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    claim_token     TEXT,
+    lease_until     REAL,
+    created_at      REAL NOT NULL,
+    started_at      REAL,
+    finished_at     REAL
+);
+CREATE INDEX IF NOT EXISTS training_jobs_status ON training_jobs(status, created_at);
+CREATE INDEX IF NOT EXISTS training_jobs_model ON training_jobs(model);
+CREATE TABLE IF NOT EXISTS training_epochs (
+    job_id          TEXT NOT NULL,
+    epoch           INTEGER NOT NULL,
+    attempt         INTEGER NOT NULL,
+    loss            REAL NOT NULL,
+    train_accuracy  REAL NOT NULL,
+    created_at      REAL NOT NULL,
+    PRIMARY KEY (job_id, epoch)
+);
 """
 
 
@@ -144,16 +210,36 @@ class StateStore:
             self._db.close()
 
     # -- clients -----------------------------------------------------------------------------
-    def create_client(self, name: str, budget: int) -> tuple[Client, str]:
-        """Returns the client and its API key; only the key's hash is stored."""
+    def create_client(
+        self, name: str, budget: int, *, training_quota: int = 0
+    ) -> tuple[Client, str]:
+        """Returns the client and its API key; only the key's hash is stored.
+        ``training_quota`` is in image-epochs (0: the client may not train)."""
         api_key = "mlr_" + secrets.token_urlsafe(32)
         client = Client(uuid.uuid4().hex[:16], name, budget, 0, False, time.time())
-        with self._lock:
+        with self._transaction():
             self._db.execute(
                 "INSERT INTO clients (client_id, name, key_hash, budget, created_at) VALUES (?,?,?,?,?)",
                 (client.client_id, name, hash_api_key(api_key), budget, client.created_at),
             )
+            self._db.execute(
+                "INSERT INTO training_quotas (client_id, quota) VALUES (?,?)",
+                (client.client_id, training_quota),
+            )
         return client, api_key
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction under the lock (BEGIN IMMEDIATE: the write lock up front)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def authenticate(self, api_key: str) -> Client:
         digest = hash_api_key(api_key)
@@ -380,6 +466,291 @@ class StateStore:
                 (client_id,),
             ).fetchone()
         return int(row["total"])
+
+    # -- training quotas -----------------------------------------------------------------------
+    def training_usage(self, client_id: str) -> tuple[int, int]:
+        """(quota, used) in image-epochs; a client created before quotas existed has (0, 0)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT quota, used FROM training_quotas WHERE client_id = ?", (client_id,)
+            ).fetchone()
+        return (0, 0) if row is None else (int(row["quota"]), int(row["used"]))
+
+    def training_ledger(self, client_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM training_ledger WHERE client_id = ? ORDER BY entry_id", (client_id,)
+            ).fetchall()
+        return [dict(row) for row in rows]
+
+    def _refund(self, job: sqlite3.Row, epochs_run: int, reason: str) -> None:
+        """Give back the image-epochs a job reserved but did not run (inside a transaction)."""
+        unused = (job["epochs"] - epochs_run) * job["train_images"]
+        if unused <= 0:
+            return
+        self._db.execute(
+            "UPDATE training_quotas SET used = used - ? WHERE client_id = ?",
+            (unused, job["client_id"]),
+        )
+        self._db.execute(
+            "INSERT INTO training_ledger (client_id, job_id, image_epochs, reason, created_at)"
+            " VALUES (?,?,?,?,?)",
+            (job["client_id"], job["job_id"], -unused, reason, time.time()),
+        )
+
+    # -- datasets ------------------------------------------------------------------------------
+    def add_dataset(self, row: dict[str, Any]) -> None:
+        row = {**row, "shape": json.dumps(row["shape"])}
+        columns = ", ".join(row)
+        with self._lock:
+            self._db.execute(
+                f"INSERT INTO datasets ({columns}) VALUES ({', '.join('?' * len(row))})",
+                tuple(row.values()),
+            )
+
+    def get_dataset(self, dataset_id: str, client_id: str | None = None) -> dict[str, Any]:
+        """A dataset row; NotFound if it does not exist or belongs to another client."""
+        with self._lock:
+            row = self._dataset_row(dataset_id, client_id)
+        return _dataset(row)
+
+    def _dataset_row(self, dataset_id: str, client_id: str | None) -> sqlite3.Row:
+        row = self._db.execute(
+            "SELECT * FROM datasets WHERE dataset_id = ?", (dataset_id,)
+        ).fetchone()
+        if row is None or (client_id is not None and row["client_id"] != client_id):
+            raise NotFound(f"no dataset with id {dataset_id[:100]!r}", code="unknown_dataset")
+        return row
+
+    def list_datasets(self, client_id: str | None = None) -> list[dict[str, Any]]:
+        return [_dataset(row) for row in self._owned_rows("datasets", client_id)]
+
+    def _owned_rows(self, table: str, client_id: str | None) -> list[sqlite3.Row]:
+        """Every row of ``table`` (one of this module's), or one client's, oldest first."""
+        query, params = f"SELECT * FROM {table}", cast(tuple[str, ...], ())
+        if client_id is not None:
+            query, params = query + " WHERE client_id = ?", (client_id,)
+        with self._lock:
+            return self._db.execute(query + " ORDER BY created_at", params).fetchall()
+
+    def delete_dataset(self, dataset_id: str, client_id: str | None = None) -> dict[str, Any]:
+        """Remove the row (the caller removes the file). Jobs already trained keep their model;
+        a queued job on it fails when a worker finds the data gone."""
+        with self._transaction():
+            row = self._dataset_row(dataset_id, client_id)
+            self._db.execute("DELETE FROM datasets WHERE dataset_id = ?", (dataset_id,))
+        return _dataset(row)
+
+    # -- training jobs -------------------------------------------------------------------------
+    def submit_job(self, job: dict[str, Any], *, test_dataset_id: str | None) -> dict[str, Any]:
+        """Queue a job in one transaction, or create nothing: its datasets must be the client's
+        (404), its hosted name free (409), and its image-epochs within the quota (402)."""
+        now = time.time()
+        cost = job["epochs"] * job["train_images"]
+        with self._transaction():
+            self._dataset_row(job["dataset_id"], job["client_id"])
+            if test_dataset_id is not None:
+                self._dataset_row(test_dataset_id, job["client_id"])
+            taken = self._db.execute(
+                "SELECT job_id FROM training_jobs WHERE model = ? AND status IN (?,?,?)",
+                (job["model"], "queued", "running", "succeeded"),
+            ).fetchone()
+            if taken is not None:
+                raise Conflict(
+                    f"model name {job['model'][:100]!r} is already taken (job {taken['job_id']})",
+                    code="model_name_taken",
+                )
+            charged = self._db.execute(
+                "UPDATE training_quotas SET used = used + ? WHERE client_id = ?"
+                " AND used + ? <= quota RETURNING used",
+                (cost, job["client_id"], cost),
+            ).fetchone()
+            if charged is None:
+                quota, used = self._quota_row(job["client_id"])
+                raise QuotaExceeded(
+                    f"this job needs {cost} image-epochs ({job['train_images']} images x "
+                    f"{job['epochs']} epochs) but the training quota has {quota - used} left "
+                    f"of {quota}"
+                )
+            row = {**job, "spec": json.dumps(job["spec"]), "status": "queued", "created_at": now}
+            self._db.execute(
+                f"INSERT INTO training_jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                tuple(row.values()),
+            )
+            self._db.execute(
+                "INSERT INTO training_ledger (client_id, job_id, image_epochs, reason, created_at)"
+                " VALUES (?,?,?,?,?)",
+                (job["client_id"], job["job_id"], cost, "reserved", now),
+            )
+        return self.get_job(job["job_id"])
+
+    def _quota_row(self, client_id: str) -> tuple[int, int]:
+        row = self._db.execute(
+            "SELECT quota, used FROM training_quotas WHERE client_id = ?", (client_id,)
+        ).fetchone()
+        return (0, 0) if row is None else (int(row["quota"]), int(row["used"]))
+
+    def get_job(self, job_id: str, client_id: str | None = None) -> dict[str, Any]:
+        with self._lock:
+            row = self._job_row(job_id, client_id)
+        return _job(row)
+
+    def _job_row(self, job_id: str, client_id: str | None) -> sqlite3.Row:
+        row = self._db.execute("SELECT * FROM training_jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None or (client_id is not None and row["client_id"] != client_id):
+            raise NotFound(f"no training job with id {job_id[:100]!r}", code="unknown_job")
+        return row
+
+    def list_jobs(self, client_id: str | None = None) -> list[dict[str, Any]]:
+        return [_job(row) for row in self._owned_rows("training_jobs", client_id)]
+
+    def cancel_job(self, job_id: str, client_id: str | None = None) -> dict[str, Any]:
+        """Cancel a queued or running job and refund the epochs it did not run; a running
+        job's worker sees its claim gone at the next epoch and stops."""
+        allowed = sources("cancelled")
+        with self._transaction():
+            job = self._job_row(job_id, client_id)
+            if job["status"] not in allowed:
+                raise Conflict(
+                    f"job {job_id} is already {job['status']}; only a queued or running job "
+                    "can be cancelled",
+                    code="job_finished",
+                )
+            self._db.execute(
+                "UPDATE training_jobs SET status = 'cancelled', claim_token = NULL,"
+                " lease_until = NULL, finished_at = ? WHERE job_id = ?",
+                (time.time(), job_id),
+            )
+            self._refund(job, job["epoch"], "cancelled")
+        return self.get_job(job_id)
+
+    def claim_job(self, token: str, *, lease_seconds: float) -> dict[str, Any] | None:
+        """Take the oldest queued job, or a running one whose worker's lease ran out (it died);
+        None if there is none. One conditional UPDATE, so two workers never both get it."""
+        now = time.time()
+        with self._transaction():
+            row = self._db.execute(
+                "SELECT job_id FROM training_jobs WHERE status = 'queued'"
+                " OR (status = 'running' AND lease_until < ?) ORDER BY created_at LIMIT 1",
+                (now,),
+            ).fetchone()
+            if row is None:
+                return None
+            claimed = self._db.execute(
+                "UPDATE training_jobs SET status = 'running', claim_token = ?, lease_until = ?,"
+                " attempts = attempts + 1, started_at = COALESCE(started_at, ?)"
+                " WHERE job_id = ? AND (status = 'queued' OR (status = 'running' AND lease_until < ?))",
+                (token, now + lease_seconds, now, row["job_id"], now),
+            ).rowcount
+        return self.get_job(row["job_id"]) if claimed else None
+
+    def renew_lease(self, job_id: str, token: str, *, lease_seconds: float) -> bool:
+        """Extend a running job's lease; False once the job is no longer this worker's."""
+        with self._lock:
+            return bool(
+                self._db.execute(
+                    "UPDATE training_jobs SET lease_until = ? WHERE job_id = ?"
+                    " AND claim_token = ? AND status = 'running'",
+                    (time.time() + lease_seconds, job_id, token),
+                ).rowcount
+            )
+
+    def record_epoch(
+        self, job_id: str, token: str, *, epoch: int, loss: float, train_accuracy: float
+    ) -> bool:
+        """Progress after an epoch whose checkpoint is on disk; False if the job is no longer
+        this worker's (cancelled, or its lease expired and another worker took it)."""
+        with self._transaction():
+            job = self._db.execute(
+                "UPDATE training_jobs SET epoch = ?, loss = ?, train_accuracy = ?"
+                " WHERE job_id = ? AND claim_token = ? AND status = 'running' RETURNING attempts",
+                (epoch, loss, train_accuracy, job_id, token),
+            ).fetchone()
+            if job is None:
+                return False
+            self._db.execute(
+                "INSERT OR IGNORE INTO training_epochs VALUES (?,?,?,?,?,?)",
+                (job_id, epoch, job["attempts"], loss, train_accuracy, time.time()),
+            )
+        return True
+
+    def finish_job(
+        self,
+        job_id: str,
+        token: str,
+        *,
+        status: str,
+        metrics: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """Move this worker's running job to ``succeeded`` or ``failed`` (refunding what a
+        failed job did not run), or back to ``queued`` when the worker stops mid-job."""
+        if status not in ("succeeded", "failed", "queued"):
+            raise ValueError(f"status must be succeeded, failed or queued, got {status!r}")
+        with self._transaction():
+            job = self._db.execute(
+                "SELECT * FROM training_jobs WHERE job_id = ? AND claim_token = ?"
+                f" AND status IN ({', '.join('?' * len(sources(status)))})",
+                (job_id, token, *sources(status)),
+            ).fetchone()
+            if job is None:
+                return False
+            final = status in FINAL
+            self._db.execute(
+                "UPDATE training_jobs SET status = ?, metrics = COALESCE(?, metrics), error = ?,"
+                " claim_token = NULL, lease_until = NULL, finished_at = ? WHERE job_id = ?",
+                (
+                    status,
+                    None if metrics is None else json.dumps(metrics),
+                    error,
+                    time.time() if final else None,
+                    job_id,
+                ),
+            )
+            if status == "failed":
+                self._refund(job, job["epoch"], "failed")
+        return True
+
+    def epoch_log(self, job_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM training_epochs WHERE job_id = ? ORDER BY epoch", (job_id,)
+            ).fetchall()
+        return [dict(row) for row in rows]
+
+    def hosted_jobs(self) -> list[dict[str, Any]]:
+        """Succeeded jobs, whose models the service hosts, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM training_jobs WHERE status = 'succeeded' ORDER BY finished_at"
+            ).fetchall()
+        return [_job(row) for row in rows]
+
+    def hosted_job(self, model: str) -> dict[str, Any] | None:
+        """The succeeded job that produced the hosted model ``model``, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM training_jobs WHERE model = ? AND status = 'succeeded'", (model,)
+            ).fetchone()
+        return None if row is None else _job(row)
+
+    def unfinished_jobs(self) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) AS n FROM training_jobs WHERE status IN ('queued', 'running')"
+            ).fetchone()
+        return int(row["n"])
+
+
+def _dataset(row: sqlite3.Row) -> dict[str, Any]:
+    return {**dict(row), "shape": json.loads(row["shape"])}
+
+
+def _job(row: sqlite3.Row) -> dict[str, Any]:
+    job = dict(row)
+    job["spec"] = json.loads(row["spec"])
+    job["metrics"] = json.loads(row["metrics"]) if row["metrics"] else None
+    return job
 
 
 def _replayed(stored: str) -> dict[str, Any]:

@@ -89,6 +89,11 @@ class HostedModel:
     policy: OutputPolicy
     metrics: dict
     defence: DefenceConfig = field(default_factory=DefenceConfig)
+    owner: str | None = None  # client_id of a client's trained model; None for the operator's
+    public: bool = True
+
+    def visible_to(self, client_id: str | None) -> bool:
+        return self.public or (client_id is not None and client_id == self.owner)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return predict_logits(self.model, images)
@@ -317,3 +322,65 @@ def _with_calibration(
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- models clients trained (training jobs) -----------------------------------------------------
+def user_model_path(state_dir: Path, job_id: str) -> Path:
+    return state_dir / "models" / f"{job_id}.pt"
+
+
+def user_mi_reference_path(state_dir: Path, job_id: str) -> Path:
+    return state_dir / "models" / f"{job_id}.mi_reference.json"
+
+
+def model_card(hosted: HostedModel) -> dict[str, Any]:
+    """What ``GET /v1/models`` says about a hosted model."""
+    return {
+        "name": hosted.name,
+        "dataset": hosted.dataset,
+        "input_shape": list(hosted.input_shape),
+        "num_classes": hosted.num_classes,
+        "output_policy": hosted.policy.name,
+    }
+
+
+def user_model_card(job: dict[str, Any]) -> dict[str, Any]:
+    """``model_card`` of a succeeded job's model, from the job alone (nothing loaded)."""
+    spec = job["spec"]
+    return {
+        "name": job["model"],
+        "dataset": f"upload:{spec['dataset_name']}",
+        "input_shape": list(spec["input_shape"]),
+        "num_classes": spec["classes"],
+        "output_policy": parse_policy(spec["request"].get("output_policy", "label-only")).name,
+    }
+
+
+def load_user_model(job: dict[str, Any], state_dir: Path) -> HostedModel:
+    """The model a succeeded training job produced, with the policy and detectors its owner
+    chose; the MI detector uses the reference the worker measured on the owner's data."""
+    request = job["spec"]["request"]
+    card = user_model_card(job)
+    checkpoint = load_checkpoint(user_model_path(state_dir, job["job_id"]))
+    detectors = dict(
+        DEFAULT_DETECTORS if request.get("detectors") is None else request["detectors"]
+    )
+    if "mi_redundancy" in detectors:
+        reference = user_mi_reference_path(state_dir, job["job_id"])
+        if reference.exists():
+            detectors["mi_redundancy"] = {**detectors["mi_redundancy"], "reference": reference}
+        else:  # too few training images to measure one (the job's metrics say so)
+            del detectors["mi_redundancy"]
+    channels, height, width = card["input_shape"]
+    return HostedModel(
+        name=card["name"],
+        dataset=card["dataset"],
+        model=checkpoint.model,
+        input_shape=(channels, height, width),
+        num_classes=card["num_classes"],
+        policy=parse_policy(card["output_policy"]),
+        metrics=checkpoint.metrics,
+        defence=DefenceConfig(detectors, request.get("alarm_policy", "log")),
+        owner=job["client_id"],
+        public=job["publish"] == "public",
+    )

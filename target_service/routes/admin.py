@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from target_service.deps import AdminDep, ServiceDep
 from target_service.errors import BODY_STATUSES, documented
+from target_service.routes.datasets import AdminDatasetView, remove_dataset
+from target_service.routes.training import AdminJobView, admin_job_view
 from target_service.service import TargetService
 from target_service.state import Client
 
@@ -21,6 +23,9 @@ class ClientCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(min_length=1, max_length=200, description="Printable text.")
     budget: int = Field(ge=0, le=10**12)
+    training_quota: int = Field(
+        default=0, ge=0, le=10**15, description="Image-epochs of training; 0 = may not train."
+    )
 
     @field_validator("name")
     @classmethod
@@ -35,6 +40,7 @@ class ClientCreated(BaseModel):
     name: str
     api_key: str = Field(description="Shown once; the service keeps only its hash.")
     budget: int
+    training_quota: int
 
 
 class ClientView(BaseModel):
@@ -43,6 +49,8 @@ class ClientView(BaseModel):
     budget: int
     queries_used: int
     queries_remaining: int
+    training_quota: int = Field(description="Image-epochs this client may train.")
+    training_used: int = Field(description="Image-epochs reserved by its jobs, net of refunds.")
     revoked: bool
     created_at: float
 
@@ -61,6 +69,15 @@ class DetectorView(BaseModel):
     max_stored: int | None = Field(None, description="PRADA: the cap on ``stored``.")
 
 
+class TrainingLedgerEntry(BaseModel):
+    """A job's reservation of image-epochs (positive) or a refund of what it did not run."""
+
+    job_id: str
+    image_epochs: int
+    reason: str
+    created_at: float
+
+
 class ClientDefenceView(ClientView):
     """The defence-evaluation view: ``detectors`` is for the model this client queried most;
     ``detectors_by_model`` has every model it queried."""
@@ -68,6 +85,7 @@ class ClientDefenceView(ClientView):
     detectors: dict[str, DetectorView]
     detectors_by_model: dict[str, dict[str, DetectorView]]
     blocked_on: list[str]
+    training_ledger: list[TrainingLedgerEntry]
 
 
 class AlarmView(BaseModel):
@@ -87,8 +105,11 @@ class AlarmView(BaseModel):
     created_at: float
 
 
-def _view(client: Client) -> ClientView:
+def _view(client: Client, service: TargetService) -> ClientView:
+    quota, used = service.store.training_usage(client.client_id)
     return ClientView(
+        training_quota=quota,
+        training_used=used,
         client_id=client.client_id,
         name=client.name,
         budget=client.budget,
@@ -111,24 +132,34 @@ def _defence_view(client: Client, service: TargetService) -> ClientDefenceView:
         for model in models
     }
     return ClientDefenceView(
-        **_view(client).model_dump(),
+        **_view(client, service).model_dump(),
         detectors=by_model[models[0]] if models else {},
         detectors_by_model=by_model,
         blocked_on=[m for m in models if service.detection.is_blocked(client.client_id, m)],
+        training_ledger=[
+            TrainingLedgerEntry(**{key: entry[key] for key in TrainingLedgerEntry.model_fields})
+            for entry in service.store.training_ledger(client.client_id)
+        ],
     )
 
 
 @router.post("/clients", status_code=status.HTTP_201_CREATED, responses=documented(*BODY_STATUSES))
 def create_client(body: ClientCreate, service: ServiceDep, _: AdminDep) -> ClientCreated:
-    client, api_key = service.store.create_client(body.name, body.budget)
+    client, api_key = service.store.create_client(
+        body.name, body.budget, training_quota=body.training_quota
+    )
     return ClientCreated(
-        client_id=client.client_id, name=client.name, api_key=api_key, budget=client.budget
+        client_id=client.client_id,
+        name=client.name,
+        api_key=api_key,
+        budget=client.budget,
+        training_quota=body.training_quota,
     )
 
 
 @router.get("/clients")
 def list_clients(service: ServiceDep, _: AdminDep) -> list[ClientView]:
-    return [_view(client) for client in service.store.list_clients()]
+    return [_view(client, service) for client in service.store.list_clients()]
 
 
 @router.get("/clients/{client_id}", responses=documented(404, 422))
@@ -148,4 +179,25 @@ def list_alarms(service: ServiceDep, _: AdminDep) -> list[AlarmView]:
 
 @router.delete("/clients/{client_id}", responses=documented(404, 422))
 def revoke_client(client_id: str, service: ServiceDep, _: AdminDep) -> ClientView:
-    return _view(service.store.revoke_client(client_id))
+    return _view(service.store.revoke_client(client_id), service)
+
+
+@router.get("/training-jobs")
+def list_all_jobs(service: ServiceDep, _: AdminDep) -> list[AdminJobView]:
+    """Every client's training jobs, oldest first."""
+    return [admin_job_view(job) for job in service.store.list_jobs()]
+
+
+@router.delete("/training-jobs/{job_id}", responses=documented(404, 409, 422))
+def cancel_any_job(job_id: str, service: ServiceDep, _: AdminDep) -> AdminJobView:
+    return admin_job_view(service.store.cancel_job(job_id))
+
+
+@router.get("/datasets")
+def list_all_datasets(service: ServiceDep, _: AdminDep) -> list[AdminDatasetView]:
+    return [AdminDatasetView(**row) for row in service.store.list_datasets()]
+
+
+@router.delete("/datasets/{dataset_id}", responses=documented(404, 422))
+def delete_any_dataset(dataset_id: str, service: ServiceDep, _: AdminDep) -> AdminDatasetView:
+    return AdminDatasetView(**remove_dataset(service, dataset_id, None))
