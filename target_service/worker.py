@@ -396,8 +396,10 @@ class JobRunner:
         self, detectors: dict[str, dict[str, Any]], benign: torch.Tensor, metrics: dict[str, Any]
     ) -> None:
         """Calibrate the published model's detectors on the client's training images (as
-        ``calibrate_target`` does the operator's): about 0.3-0.6 CPU-s per simulated client,
-        here in the worker. Data too small or too uniform for it is skipped, not a failure."""
+        ``calibrate_target`` does the operator's): the cost grows with the simulated clients,
+        so it runs here in the worker, never in the API process. Data that cannot give a
+        calibration (too few clients for the share, no test within the horizon) is skipped
+        with the reason in the metrics, never a failure."""
         clients = self.settings.calibration_clients
         logger.info(
             "job %s: calibrating %s on %d benign clients", self.job_id, sorted(detectors), clients
