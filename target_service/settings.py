@@ -59,7 +59,7 @@ class Settings(BaseSettings):
         default=QUICK_CLIENTS,
         ge=0,
         description="Benign clients per population simulated to calibrate the detectors of a "
-        "checkpoint trained at first start (0: do not calibrate).",
+        "checkpoint trained at first start or by a training job (0: do not calibrate).",
     )
     alarm_policies: dict[str, Literal["log", "block"]] = Field(
         default_factory=dict,

@@ -44,7 +44,13 @@ from target_service.errors import NotFound
 from target_service.settings import Settings
 from target_service.state import StateStore
 from target_service.training_jobs import TrainingJobRequest, train_size
-from target_service.zoo import DEFAULT_DETECTORS, user_mi_reference_path, user_model_path
+from target_service.zoo import (
+    DEFAULT_DETECTORS,
+    calibrate_checkpoint,
+    user_calibration_path,
+    user_mi_reference_path,
+    user_model_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -351,21 +357,26 @@ class JobRunner:
         train_images: torch.Tensor,
         metrics: dict[str, Any],
     ) -> None:
-        """The hosted model's checkpoint, and the MI detector's benign reference measured on
-        the client's own training data (skipped, and said so, when there are too few images)."""
+        """The hosted model's checkpoint, the MI detector's benign reference and the detectors'
+        calibration, both measured on the client's own training data (each skipped, and said
+        so in the metrics, when that data cannot give one)."""
         state_dir = self.settings.state_dir
-        detectors = self.request.detectors
-        detectors = DEFAULT_DETECTORS if detectors is None else detectors
+        detectors = dict(
+            DEFAULT_DETECTORS if self.request.detectors is None else self.request.detectors
+        )
+        benign = train_images
+        if benign.dtype != torch.uint8:
+            benign = torch.from_numpy(np.round(train_images.numpy() * 255).astype(np.uint8))
         if "mi_redundancy" in detectors:
             window = int(detectors["mi_redundancy"].get("window", 100))
             if len(train_images) >= window:
-                benign = train_images
-                if benign.dtype != torch.uint8:
-                    benign = torch.from_numpy(np.round(train_images.numpy() * 255).astype(np.uint8))
+                reference = user_mi_reference_path(state_dir, self.job_id)
                 calibrate_mi_reference(
                     benign, window=window, bins=int(detectors["mi_redundancy"].get("bins", 256))
-                ).save(user_mi_reference_path(state_dir, self.job_id))
+                ).save(reference)
+                detectors["mi_redundancy"] = {**detectors["mi_redundancy"], "reference": reference}
             else:
+                del detectors["mi_redundancy"]
                 metrics["detectors_skipped"] = {
                     "mi_redundancy": f"needs at least {window} training images for its "
                     f"reference, got {len(train_images)}"
@@ -378,3 +389,32 @@ class JobRunner:
             dataset=f"upload:{self.request.dataset_id}",
             metrics=metrics,
         )
+        if self.settings.calibration_clients > 0 and detectors:
+            self._calibrate(detectors, benign, metrics)
+
+    def _calibrate(
+        self, detectors: dict[str, dict[str, Any]], benign: torch.Tensor, metrics: dict[str, Any]
+    ) -> None:
+        """Calibrate the published model's detectors on the client's training images (as
+        ``calibrate_target`` does the operator's): the cost grows with the simulated clients,
+        so it runs here in the worker, never in the API process. Data that cannot give a
+        calibration (too few clients for the share, no test within the horizon) is skipped
+        with the reason in the metrics, never a failure."""
+        clients = self.settings.calibration_clients
+        logger.info(
+            "job %s: calibrating %s on %d benign clients", self.job_id, sorted(detectors), clients
+        )
+        try:
+            calibration = calibrate_checkpoint(
+                user_model_path(self.settings.state_dir, self.job_id),
+                detectors,
+                benign,
+                source={"model": self.job["model"], "images": f"upload:{self.request.dataset_id}"},
+                clients=clients,
+            )
+        except ValueError as exc:  # DetectorError included: too few clients, no test in horizon
+            metrics["calibration_skipped"] = f"detectors keep their default thresholds: {exc}"
+            return
+        self._check_claim()
+        calibration.save(user_calibration_path(self.settings.state_dir, self.job_id))
+        metrics["calibration_seconds"] = calibration.source["seconds"]

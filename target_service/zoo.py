@@ -186,7 +186,10 @@ def load_hosted(
         num_classes=info.num_classes,
         policy=parse_policy(policy),
         metrics=checkpoint.metrics,
-        defence=DefenceConfig(_with_calibration(spec, configured, checkpoint_dir), alarm_policy),
+        defence=DefenceConfig(
+            _with_calibration(configured, calibration_path(checkpoint_dir, name), path, name),
+            alarm_policy,
+        ),
     )
 
 
@@ -244,7 +247,6 @@ def calibrate_target(
         raise FileNotFoundError(
             f"no checkpoint for {spec.name} at {path} (run `target-service train`)"
         )
-    model = load_checkpoint(path).model
     configured = _with_references(
         spec, DEFAULT_DETECTORS if detectors is None else detectors, checkpoint_dir, data_root
     )
@@ -253,10 +255,42 @@ def calibrate_target(
         "each, at most %g%% flagged",
         sorted(configured), spec.name, clients, horizon, 100 * share,
     )  # fmt: skip
-    started = time.perf_counter()
-    calibration = calibrate(
+    calibration = calibrate_checkpoint(
+        path,
         configured,
         load_dataset(spec.train_data, data_root=data_root).images,
+        source={"model": spec.name, "images": spec.train_data},
+        share=share,
+        horizon=horizon,
+        clients=clients,
+        seed=seed,
+        progress=progress,
+    )
+    calibration.save(calibration_path(checkpoint_dir, spec.name))
+    logger.info("calibrated %s: %s", spec.name, calibration.settings())
+    return calibration
+
+
+def calibrate_checkpoint(
+    checkpoint: Path,
+    detectors: dict[str, dict[str, Any]],
+    images: torch.Tensor,
+    *,
+    source: dict[str, Any],
+    share: float = DEFAULT_SHARE,
+    horizon: int = DEFAULT_HORIZON,
+    clients: int = QUICK_CLIENTS,
+    seed: int = 0,
+    progress: Callable[[str, int], None] | None = None,
+) -> Calibration:
+    """Calibrate ``detectors`` for the model saved in ``checkpoint`` on benign clients drawing
+    from ``images``, labelled by that model; ``source`` (where the images came from) gains the
+    checkpoint's sha256, the calibration is applied to that checkpoint only. Not saved."""
+    model = load_checkpoint(checkpoint).model
+    started = time.perf_counter()
+    calibration = calibrate(
+        detectors,
+        images,
         torch.inference_mode()(lambda x: predict_labels(model, x)),
         share=share,
         horizon=horizon,
@@ -264,43 +298,36 @@ def calibrate_target(
         seed=seed,
         progress=progress,
     )
-    calibration = replace(
+    return replace(
         calibration,
         source={
-            "model": spec.name,
-            "images": spec.train_data,
-            "checkpoint_sha256": _sha256(path),
+            **source,
+            "checkpoint_sha256": _sha256(checkpoint),
             "seconds": round(time.perf_counter() - started, 1),
         },
     )
-    calibration.save(calibration_path(checkpoint_dir, spec.name))
-    logger.info("calibrated %s: %s", spec.name, calibration.settings())
-    return calibration
 
 
 def _with_calibration(
-    spec: TargetSpec, detectors: dict[str, dict[str, Any]], checkpoint_dir: Path
+    detectors: dict[str, dict[str, Any]], path: Path, checkpoint: Path, model: str
 ) -> dict[str, dict[str, Any]]:
-    """The detector settings with calibrated thresholds added where none is set explicitly and
-    the calibration was made for this checkpoint and these settings."""
-    path = calibration_path(checkpoint_dir, spec.name)
+    """The detector settings with calibrated thresholds (from the calibration at ``path``)
+    added where none is set explicitly and the calibration was made for this ``checkpoint``
+    and these settings; ``model`` names it in warnings."""
     if not detectors:
         return detectors
     if not path.exists():
         logger.warning(
             "%s has no detector calibration (%s): detectors keep their fixed default "
-            "thresholds; run `target-service calibrate`",
-            spec.name, path,
+            "thresholds; (re)calibrate it (`target-service calibrate` for an operator model)",
+            model, path,
         )  # fmt: skip
         return detectors
     calibration = Calibration.load(path)
-    if calibration.source.get("checkpoint_sha256") != _sha256(
-        checkpoint_path(checkpoint_dir, spec.name)
-    ):
+    if calibration.source.get("checkpoint_sha256") != _sha256(checkpoint):
         logger.warning(
-            "%s was made for another checkpoint of %s and is ignored; run "
-            "`target-service calibrate`",
-            path, spec.name,
+            "%s was made for another checkpoint of %s and is ignored; (re)calibrate it",
+            path, model,
         )  # fmt: skip
         return detectors
     out = {}
@@ -310,8 +337,7 @@ def _with_calibration(
             out[name] = settings  # not calibrated, or set explicitly (which wins)
         elif entry["settings"] != recordable_settings(settings):
             logger.warning(
-                "%s calibrated %s with settings %s, not %s: not applied; run "
-                "`target-service calibrate`",
+                "%s calibrated %s with settings %s, not %s: not applied; (re)calibrate it",
                 path, name, entry["settings"], recordable_settings(settings),
             )  # fmt: skip
             out[name] = settings
@@ -331,6 +357,10 @@ def user_model_path(state_dir: Path, job_id: str) -> Path:
 
 def user_mi_reference_path(state_dir: Path, job_id: str) -> Path:
     return state_dir / "models" / f"{job_id}.mi_reference.json"
+
+
+def user_calibration_path(state_dir: Path, job_id: str) -> Path:
+    return state_dir / "models" / f"{job_id}.calibration.json"
 
 
 def model_card(hosted: HostedModel) -> dict[str, Any]:
@@ -358,10 +388,12 @@ def user_model_card(job: dict[str, Any]) -> dict[str, Any]:
 
 def load_user_model(job: dict[str, Any], state_dir: Path) -> HostedModel:
     """The model a succeeded training job produced, with the policy and detectors its owner
-    chose; the MI detector uses the reference the worker measured on the owner's data."""
+    chose; the MI detector uses the reference, and the detectors the calibration, the worker
+    measured on the owner's data."""
     request = job["spec"]["request"]
     card = user_model_card(job)
-    checkpoint = load_checkpoint(user_model_path(state_dir, job["job_id"]))
+    path = user_model_path(state_dir, job["job_id"])
+    checkpoint = load_checkpoint(path)
     detectors = dict(
         DEFAULT_DETECTORS if request.get("detectors") is None else request["detectors"]
     )
@@ -380,7 +412,12 @@ def load_user_model(job: dict[str, Any], state_dir: Path) -> HostedModel:
         num_classes=card["num_classes"],
         policy=parse_policy(card["output_policy"]),
         metrics=checkpoint.metrics,
-        defence=DefenceConfig(detectors, request.get("alarm_policy", "log")),
+        defence=DefenceConfig(
+            _with_calibration(
+                detectors, user_calibration_path(state_dir, job["job_id"]), path, card["name"]
+            ),
+            request.get("alarm_policy", "log"),
+        ),
         owner=job["client_id"],
         public=job["publish"] == "public",
     )

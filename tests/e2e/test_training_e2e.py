@@ -27,7 +27,8 @@ from target_service.testing import LiveServer
 
 pytestmark = pytest.mark.e2e
 
-FAST_LEASE = {"training_lease_seconds": 2, "training_poll_seconds": 0.2}
+# No detector calibration after training (minutes per model; tests/target_service covers it).
+FAST_LEASE = {"training_lease_seconds": 2, "training_poll_seconds": 0.2, "calibration_clients": 0}
 PRADA_ONLY = {"prada": {"delta": 0.95}}
 
 

@@ -8,6 +8,7 @@ code, a message naming what was wrong, nothing created and nothing charged.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -21,6 +22,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from defenses.calibration import Calibration
 from mlcore.checkpoints import load_checkpoint
 from mlcore.datasets import load_dataset
 from mlcore.training import predict_labels
@@ -31,7 +33,13 @@ from target_service.errors import ServiceError
 from target_service.settings import Settings
 from target_service.state import StateStore
 from target_service.worker import JobRunner, resume_path, run_next_job
-from target_service.zoo import user_mi_reference_path, user_model_path
+from target_service.zoo import (
+    calibrate_checkpoint,
+    load_user_model,
+    user_calibration_path,
+    user_mi_reference_path,
+    user_model_path,
+)
 
 ADMIN = "test-admin-token"
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
@@ -49,6 +57,7 @@ def settings_for(state_dir: Path, checkpoint_dir: Path) -> Settings:
         train_missing=False,
         training_workers=0,
         max_dataset_bytes=MAX_UPLOAD,
+        calibration_clients=0,  # calibrating takes minutes; its own test turns it on
     )
 
 
@@ -557,6 +566,44 @@ def test_public_model_with_mi_reference_from_the_uploaded_data(
     view = account_by_name(http, "sam")
     assert set(view["detectors_by_model"]["u/rae/open"]) == {"prada", "mi_redundancy"}
     assert view["queries_used"] == 5
+
+
+def test_published_model_gets_the_calibration_made_on_the_clients_data(
+    http: TestClient, app_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker calibrates the detectors on the client's training images and the hosted model
+    applies the thresholds; a calibration it cannot make is skipped, said so, and not fatal."""
+    key = create_client(http, "cal")
+    dataset = upload_digits(http, key, 120, seed=4)
+    detectors = {"prada": {}, "mi_redundancy": {"window": 20}}
+    state = StateStore(app_settings.state_path)
+    try:
+        few = app_settings.model_copy(update={"calibration_clients": 3})
+        skipped = submit(http, key, dataset_id=dataset, name="few", detectors=detectors)
+        run_queued_job(few)  # 3 clients cannot give the default 1% share
+        job = state.get_job(skipped.json()["job_id"])
+        assert job["status"] == "succeeded", job
+        assert "needs clients >= 99, got 3" in job["metrics"]["calibration_skipped"]
+        assert not user_calibration_path(app_settings.state_dir, job["job_id"]).exists()
+
+        small = functools.partial(calibrate_checkpoint, share=0.25, horizon=200)
+        monkeypatch.setattr("target_service.worker.calibrate_checkpoint", small)
+        queued = submit(http, key, dataset_id=dataset, name="calibrated", detectors=detectors)
+        run_queued_job(few)
+        job = state.get_job(queued.json()["job_id"])
+    finally:
+        state.close()
+    assert job["status"] == "succeeded" and "calibration_skipped" not in job["metrics"], job
+    calibration = Calibration.load(user_calibration_path(app_settings.state_dir, job["job_id"]))
+    checkpoint = user_model_path(app_settings.state_dir, job["job_id"])
+    assert (
+        calibration.source["checkpoint_sha256"]
+        == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    )
+    assert calibration.clients == 3 and calibration.source["images"] == f"upload:{dataset}"
+    applied = load_user_model(job, app_settings.state_dir).defence.detectors
+    assert applied["prada"]["delta"] == calibration.threshold("prada") != 0.95  # PRADA's default
+    assert applied["mi_redundancy"]["threshold"] == calibration.threshold("mi_redundancy")
 
 
 def test_cancel_refunds_and_admin_sees_every_job_and_dataset(http: TestClient) -> None:
