@@ -47,11 +47,12 @@ def silent_skips(source: str, required: set[str]) -> list[str]:
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
             if name != "importorskip":
                 continue
-            first = node.args[0] if node.args else None
+            keyword = {k.arg: k.value for k in node.keywords}.get("modname")
+            first = node.args[0] if node.args else keyword
             if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
                 found.append(f"line {node.lineno}: importorskip of a computed module name")
             elif first.value.split(".")[0] in required:
-                found.append(f"line {node.lineno}: importorskip({first.value!r})")
+                found.append(f"line {node.lineno}: importorskip of required module {first.value!r}")
         elif isinstance(node, ast.ExceptHandler) and node.type is not None:
             caught = node.type.elts if isinstance(node.type, ast.Tuple) else [node.type]
             names = {getattr(c, "id", getattr(c, "attr", None)) for c in caught}
@@ -88,9 +89,12 @@ def test_make_test_fails_when_no_test_is_collected() -> None:
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        ('import pytest\ntorch = pytest.importorskip("torch")', ["line 2: importorskip('torch')"]),
+        (
+            'import pytest\ntorch = pytest.importorskip(modname="torch")',
+            ["line 2: importorskip of required module 'torch'"],
+        ),
         ('from pytest import importorskip\nimportorskip("sklearn.datasets")', ["line 2"]),
-        ('pytest.importorskip("mlcore.mutual_information")', ["line 1"]),
+        ("pytest.importorskip(modname='mlcore.mutual_information')", ["line 1"]),
         ("pytest.importorskip(name)", ["line 1: importorskip of a computed module name"]),
         ("try:\n    import numba\nexcept (ImportError, OSError):\n    pass", ["line 3"]),
         ('pytest.importorskip("psycopg")', []),  # an optional extra may be skipped
