@@ -1,7 +1,10 @@
 """Self-describing checkpoints: the weights travel with what is needed to rebuild the model.
 
-``{arch, arch_kwargs, dataset, state_dict, metrics}`` (as nanoGPT saves its model args), loaded
-with ``weights_only=True`` so a checkpoint can never run code.
+``{arch, arch_kwargs, dataset, state_dict, metrics, provenance}`` (as nanoGPT saves its model
+args), loaded with ``weights_only=True`` so a checkpoint can never run code. ``provenance`` says
+where the weights came from when that matters to a consumer (JSON-ready values only): a sanitised
+model names its parent, method, threshold and kept indices; a model trained on a subset or a
+condensed set names its members.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Checkpoint:
     arch_kwargs: dict[str, int]
     dataset: str
     metrics: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 def save_checkpoint(
@@ -37,6 +41,7 @@ def save_checkpoint(
     arch_kwargs: dict[str, int] | None = None,
     dataset: str,
     metrics: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Write atomically (temp file + rename) so a crash never leaves half a checkpoint."""
     path = Path(path)
@@ -47,6 +52,7 @@ def save_checkpoint(
         "dataset": dataset,
         "state_dict": model.state_dict(),
         "metrics": dict(metrics or {}),
+        "provenance": dict(provenance or {}),
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
@@ -74,4 +80,5 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         payload.get("arch_kwargs", {}),
         payload["dataset"],
         payload.get("metrics", {}),
+        payload.get("provenance", {}),
     )
