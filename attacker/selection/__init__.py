@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from attacker.selection.base import (
+    GUIDE_KINDS,
+    GuideKind,
     InvalidSelectionFile,
     Selection,
     SelectionResult,
@@ -20,8 +22,10 @@ from attacker.selection.drmi import DrmiSelector, SubsetResult, drmi_subset, sub
 from attacker.selection.random import RandomSelector
 
 __all__ = [
+    "GUIDE_KINDS",
     "SELECTORS",
     "DrmiSelector",
+    "GuideKind",
     "InvalidSelectionFile",
     "RandomSelector",
     "Selection",

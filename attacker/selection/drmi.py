@@ -124,7 +124,9 @@ class DrmiSelector(Selector):
             "seed": self.seed,
         }
 
-    def run(self, images: np.ndarray, labels: np.ndarray, *, k: int) -> SelectionResult:
+    def run(
+        self, images: np.ndarray, labels: np.ndarray, *, k: int, guide: np.ndarray | None = None
+    ) -> SelectionResult:
         classes, counts = np.unique(labels, return_counts=True)
         budget = split_budget(
             {int(c): int(n) for c, n in zip(classes, counts, strict=True)}, k, proportional=False

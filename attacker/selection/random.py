@@ -27,7 +27,9 @@ class RandomSelector(Selector):
     def params(self) -> dict[str, Any]:
         return {"seed": self.seed}
 
-    def run(self, images: np.ndarray, labels: np.ndarray, *, k: int) -> SelectionResult:
+    def run(
+        self, images: np.ndarray, labels: np.ndarray, *, k: int, guide: np.ndarray | None = None
+    ) -> SelectionResult:
         rng = np.random.default_rng(self.seed)
         classes, counts = np.unique(labels, return_counts=True)
         budget = split_budget(

@@ -392,7 +392,9 @@ def test_selector_result_is_checked() -> None:
         def params(self) -> dict[str, Any]:
             return {}
 
-        def run(self, images: np.ndarray, labels: np.ndarray, *, k: int) -> SelectionResult:
+        def run(
+            self, images: np.ndarray, labels: np.ndarray, *, k: int, guide: np.ndarray | None
+        ) -> SelectionResult:
             return SelectionResult(indices=np.array(self.indices), per_class={})
 
     images, labels = small_pool()
