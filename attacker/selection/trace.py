@@ -55,10 +55,8 @@ class TraceSelector(Selector):
         self, images: np.ndarray, labels: np.ndarray, *, k: int, guide: np.ndarray | None = None
     ) -> SelectionResult:
         assert guide is not None  # Selector.__call__ checked it: guide = "activations"
-        activated = guide > 0
-
         def choose(_c: int, members: np.ndarray, k_c: int) -> tuple[np.ndarray, dict[str, Any]]:
-            distances = hamming_matrix(activated[members])
+            distances = hamming_matrix(guide[members] > 0)
             weights = distances if self.target == "min" else distances.max() - distances
             starts = None if self.starts is None else min(self.starts, len(members))
             subset = drmi_subset(weights, k_c, init=self.init, starts=starts, seed=self.seed)
