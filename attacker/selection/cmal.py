@@ -57,8 +57,12 @@ class CmalSelector(Selector):
     ) -> SelectionResult:
         vectors = as_vectors(images)
 
-        def choose(_c: int, members: np.ndarray, k_c: int) -> tuple[np.ndarray, dict[str, Any]]:
+        def choose(c: int, members: np.ndarray, k_c: int) -> tuple[np.ndarray, dict[str, Any]]:
             result = cmal_subset(vectors[members], k_c)
+            logger.info(
+                "CMAL class %d: chose %d of %d, ||R(S) - R(D)||^2 = %.6g after %d swaps",
+                c, k_c, len(members), result.objective, result.swaps,
+            )  # fmt: skip
             return result.indices, {"objective": result.objective, "swaps": result.swaps}
 
         return select_per_class(labels, k, choose)

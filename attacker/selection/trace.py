@@ -17,6 +17,7 @@ by default (``starts`` for the faster approximate mode), min-sum or min-max init
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -30,6 +31,8 @@ from attacker.selection.drmi import (
 )
 
 __all__ = ["TraceMaxSelector", "TraceMinSelector", "TraceSelector", "hamming_matrix"]
+
+logger = logging.getLogger(__name__)
 
 
 class TraceSelector(Selector):
@@ -55,13 +58,18 @@ class TraceSelector(Selector):
     ) -> SelectionResult:
         assert guide is not None  # Selector.__call__ checked it: guide = "activations"
 
-        def choose(_c: int, members: np.ndarray, k_c: int) -> tuple[np.ndarray, dict[str, Any]]:
+        def choose(c: int, members: np.ndarray, k_c: int) -> tuple[np.ndarray, dict[str, Any]]:
             distances = hamming_matrix(guide[members] > 0)
             weights = distances if self.target == "min" else distances.max() - distances
             starts = None if self.starts is None else min(self.starts, len(members))
             subset = drmi_subset(weights, k_c, init=self.init, starts=starts, seed=self.seed)
+            hamming_sum = subset_weight(distances, subset.indices)
+            logger.info(
+                "TRACE %s class %d: chose %d of %d, Hamming sum %.6g after %d swaps",
+                self.target.upper(), c, k_c, len(members), hamming_sum, subset.swaps,
+            )  # fmt: skip
             return subset.indices, {
-                "hamming_sum": subset_weight(distances, subset.indices),
+                "hamming_sum": hamming_sum,
                 "start": int(members[subset.start]),
                 "swaps": subset.swaps,
             }
