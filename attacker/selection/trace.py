@@ -93,8 +93,11 @@ def hamming_matrix(patterns: np.ndarray) -> np.ndarray:
     """Pairwise Hamming distances (n, n), float64, of binary ``patterns`` (n, units).
 
     As a matrix product: |a xor b| = |a| + |b| - 2 a.b; float32 sums are exact up to 2^24 units.
+    Units that are on for every image or off for every image add nothing and are dropped first.
     """
-    bits = np.asarray(patterns, dtype=np.float32)
+    patterns = np.asarray(patterns, dtype=bool)
+    varying = patterns.any(axis=0) & ~patterns.all(axis=0)
+    bits = patterns[:, varying].astype(np.float32)
     if bits.shape[1] >= 2**24:
         raise ValueError(f"at most 2^24 units fit exact float32 sums, got {bits.shape[1]}")
     counts = bits.sum(axis=1, dtype=np.float64)
