@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from attacker.selection.base import SelectionResult, Selector, split_budget
+from attacker.selection.base import SelectionResult, Selector, check_int, split_budget
 
 __all__ = ["RandomSelector"]
 
@@ -19,15 +19,15 @@ class RandomSelector(Selector):
     """
 
     def __init__(self, *, seed: int) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = check_int("seed", seed)
 
     @property
     def params(self) -> dict[str, Any]:
         return {"seed": self.seed}
 
-    def run(self, images: np.ndarray, labels: np.ndarray, *, k: int) -> SelectionResult:
+    def run(
+        self, images: np.ndarray, labels: np.ndarray, *, k: int, guide: np.ndarray | None = None
+    ) -> SelectionResult:
         rng = np.random.default_rng(self.seed)
         classes, counts = np.unique(labels, return_counts=True)
         budget = split_budget(
