@@ -19,6 +19,7 @@ from attacker.selection.base import (
     split_budget,
 )
 from attacker.selection.drmi import DrmiSelector, SubsetResult, drmi_subset, subset_weight
+from attacker.selection.knockoff import KnockoffRandomSelector
 from attacker.selection.random import RandomSelector
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
 SELECTORS: dict[str, type[Selector]] = {
     "drmi": DrmiSelector,
     "random": RandomSelector,
+    "knockoff-random": KnockoffRandomSelector,
 }
 
 
