@@ -1,8 +1,9 @@
 """Query selection: which pool images an attacker spends its query budget on.
 
 ``make_selector("drmi", alpha=2.0)`` builds a strategy by name; calling it on a labelled pool
-returns the chosen indices. Add a strategy by subclassing ``Selector`` and registering it in
-``SELECTORS``.
+returns the chosen indices. A strategy whose ``guide`` is not None also needs what a model says
+about the pool (``guide=``; see ``attacker.selection.guides``). Add a strategy by subclassing
+``Selector`` and registering it in ``SELECTORS``.
 """
 
 from __future__ import annotations
@@ -18,21 +19,32 @@ from attacker.selection.base import (
     Selector,
     split_budget,
 )
+from attacker.selection.class_probability import HcpSelector, LcpSelector
+from attacker.selection.cmal import CmalSelector
 from attacker.selection.drmi import DrmiSelector, SubsetResult, drmi_subset, subset_weight
+from attacker.selection.kmeans import KMeansSelector, PcaKMeansSelector
 from attacker.selection.knockoff import KnockoffRandomSelector
 from attacker.selection.random import RandomSelector
+from attacker.selection.trace import TraceMaxSelector, TraceMinSelector
 
 __all__ = [
     "GUIDE_KINDS",
     "SELECTORS",
+    "CmalSelector",
     "DrmiSelector",
     "GuideKind",
+    "HcpSelector",
     "InvalidSelectionFile",
+    "KMeansSelector",
+    "LcpSelector",
+    "PcaKMeansSelector",
     "RandomSelector",
     "Selection",
     "SelectionResult",
     "Selector",
     "SubsetResult",
+    "TraceMaxSelector",
+    "TraceMinSelector",
     "drmi_subset",
     "make_selector",
     "split_budget",
@@ -42,6 +54,15 @@ __all__ = [
 SELECTORS: dict[str, type[Selector]] = {
     "drmi": DrmiSelector,
     "random": RandomSelector,
+    # the DRMI paper's comparison strategies (Section 5.4, Tables 11-13)
+    "cmal": CmalSelector,
+    "hcp": HcpSelector,
+    "lcp": LcpSelector,
+    "kmeans": KMeansSelector,
+    "pca-kmeans": PcaKMeansSelector,
+    "trace-min": TraceMinSelector,
+    "trace-max": TraceMaxSelector,
+    # Knockoff Nets' random strategy (its adaptive one buys in rounds: selection/online.py)
     "knockoff-random": KnockoffRandomSelector,
 }
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, final
@@ -28,11 +29,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 __all__ = [
     "GUIDE_KINDS",
+    "ClassChooser",
     "GuideKind",
     "InvalidSelectionFile",
     "Selection",
     "SelectionResult",
     "Selector",
+    "select_per_class",
     "split_budget",
 ]
 
@@ -190,6 +193,33 @@ def split_budget(class_counts: dict[int, int], k: int, *, proportional: bool) ->
             share[c] += give
             left -= give
     return share
+
+
+# choose(c, members, k_c): positions in ``members`` (class c's pool indices) of the k_c images
+# chosen, and the strategy's own diagnostics for that class.
+ClassChooser = Callable[[int, np.ndarray, int], tuple[np.ndarray, dict[str, Any]]]
+
+
+def select_per_class(labels: np.ndarray, k: int, choose: ClassChooser) -> SelectionResult:
+    """Select the way the DRMI paper runs every strategy (5.1: "carried out under the same
+    label ... a simplified dataset for each category, glued together"): k split evenly over the
+    pool's classes (``split_budget``), then ``choose`` picks each class's share among its own
+    images (called only for classes with a share, 1 <= k_c <= len(members))."""
+    classes, counts = np.unique(labels, return_counts=True)
+    budget = split_budget(
+        {int(c): int(n) for c, n in zip(classes, counts, strict=True)}, k, proportional=False
+    )
+    chosen: list[np.ndarray] = []
+    per_class: dict[int, dict[str, Any]] = {}
+    for c, k_c in budget.items():
+        members = np.flatnonzero(labels == c)
+        per_class[c] = {"k": k_c, "n": len(members)}
+        if k_c == 0:
+            continue
+        positions, diagnostics = choose(c, members, k_c)
+        chosen.append(members[positions])
+        per_class[c].update(diagnostics)
+    return SelectionResult(indices=np.sort(np.concatenate(chosen)), per_class=per_class)
 
 
 def _count(label: object, value: object) -> int:

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from attacker.selection.base import SelectionResult, Selector, split_budget
+from attacker.selection.base import SelectionResult, Selector, select_per_class
 
 __all__ = ["DrmiSelector", "InitMethod", "SubsetResult", "drmi_subset", "subset_weight"]
 
@@ -127,17 +127,7 @@ class DrmiSelector(Selector):
     def run(
         self, images: np.ndarray, labels: np.ndarray, *, k: int, guide: np.ndarray | None = None
     ) -> SelectionResult:
-        classes, counts = np.unique(labels, return_counts=True)
-        budget = split_budget(
-            {int(c): int(n) for c, n in zip(classes, counts, strict=True)}, k, proportional=False
-        )
-        chosen: list[np.ndarray] = []
-        per_class: dict[int, dict[str, Any]] = {}
-        for c, k_c in budget.items():
-            members = np.flatnonzero(labels == c)
-            per_class[c] = {"k": k_c, "n": len(members)}
-            if k_c == 0:
-                continue
+        def choose(c: int, members: np.ndarray, k_c: int) -> tuple[np.ndarray, dict[str, Any]]:
             weights = self._mutual_information(c, images[members])
             if self.mi_cache is not None:
                 weights = weights.copy()  # keep the cached MI untouched
@@ -145,13 +135,14 @@ class DrmiSelector(Selector):
             starts = None if self.starts is None else min(self.starts, len(members))
             subset = drmi_subset(weights, k_c, init=self.init, starts=starts, seed=self.seed)
             del weights
-            chosen.append(members[subset.indices])
-            per_class[c].update(H=subset.H, start=int(members[subset.start]), swaps=subset.swaps)
             self._report(
                 f"DRMI class {c}: chose {k_c} of {len(members)}, H={subset.H:.6g} "
                 f"after {subset.swaps} swaps"
             )
-        return SelectionResult(indices=np.sort(np.concatenate(chosen)), per_class=per_class)
+            start = int(members[subset.start])
+            return subset.indices, {"H": subset.H, "start": start, "swaps": subset.swaps}
+
+        return select_per_class(labels, k, choose)
 
     def _mutual_information(self, label: int, images: np.ndarray) -> np.ndarray:
         """The class's MI matrix, from ``mi_cache`` when the same images were seen before."""
