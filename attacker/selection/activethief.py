@@ -16,13 +16,8 @@ import numpy as np
 import torch
 from scipy.stats import entropy
 
-from attacker.selection.rounds import (
-    AdaptiveStrategy,
-    RoundState,
-    even_rounds,
-    seed_size,
-    softmax_outputs,
-)
+from attacker.selection.guides import probabilities_from_model
+from attacker.selection.rounds import AdaptiveStrategy, RoundState, even_rounds, seed_size
 
 __all__ = ["CRITERIA", "ActiveThief", "k_center_greedy"]
 
@@ -76,11 +71,11 @@ class ActiveThief(AdaptiveStrategy):
         if state.substitute is None:  # the seed round
             return state.rng.choice(left, size=size, replace=False)
         images = state.pool.images
-        outputs = softmax_outputs(state.substitute, images[torch.as_tensor(left)])
+        outputs = probabilities_from_model(state.substitute, images[torch.as_tensor(left)])
         if self.criterion == "entropy":
             order = np.argsort(-entropy(outputs, axis=1), kind="stable")  # ties: lowest index
             return left[order[:size]]
-        centres = softmax_outputs(state.substitute, images[torch.as_tensor(state.bought)])
+        centres = probabilities_from_model(state.substitute, images[torch.as_tensor(state.bought)])
         return left[k_center_greedy(outputs, centres, size)]
 
 

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from attacker.selection.base import SelectionResult, Selector
-from attacker.selection.rounds import AdaptiveStrategy, RoundState, even_rounds, softmax_outputs
+from attacker.selection.guides import probabilities_from_model
+from attacker.selection.rounds import AdaptiveStrategy, RoundState, even_rounds
 
 __all__ = ["REWARDS", "GradientBandit", "KnockoffAdaptive", "KnockoffRandomSelector"]
 
@@ -167,7 +168,9 @@ class KnockoffAdaptive(AdaptiveStrategy):
             substitute = (
                 np.full((len(chosen), classes), 1.0 / classes)
                 if state.substitute is None
-                else softmax_outputs(state.substitute, state.pool.images[torch.as_tensor(chosen)])
+                else probabilities_from_model(
+                    state.substitute, state.pool.images[torch.as_tensor(chosen)]
+                )
             )
             rewards["loss"] = -np.log(np.clip(substitute[np.arange(len(chosen)), labels], 1e-12, 1))
         for i, index in enumerate(chosen):

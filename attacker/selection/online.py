@@ -26,6 +26,7 @@ import torch
 
 from attacker.selection.activethief import ActiveThief
 from attacker.selection.base import Selector
+from attacker.selection.guides import activations_from_model, probabilities_from_model
 from attacker.selection.knockoff import KnockoffAdaptive
 from attacker.selection.random import RandomSelector
 from attacker.selection.rounds import AdaptiveStrategy, RoundState, seed_size
@@ -189,8 +190,6 @@ class GuidedRounds(AdaptiveStrategy):
 
 def model_guide(selector: Selector, model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
     """The guide ``selector`` needs, computed from the attacker's own ``model``."""
-    from attacker.selection.guides import activations_from_model, probabilities_from_model
-
     if selector.guide == "probabilities":
         return probabilities_from_model(model, images)
     return activations_from_model(model, images)

@@ -31,7 +31,7 @@ from torch import nn
 from attacker.extraction import ExtractionResult, train_substitute
 from attacker.oracle import LabelOracle, buy
 from mlcore.datasets import ImageDataset
-from mlcore.training import Progress, predict_logits
+from mlcore.training import Progress
 
 __all__ = [
     "AdaptiveStrategy",
@@ -40,7 +40,6 @@ __all__ = [
     "even_rounds",
     "run_rounds",
     "seed_size",
-    "softmax_outputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -200,9 +199,3 @@ def seed_size(k: int, seed_fraction: float) -> int:
     if not 0.0 <= seed_fraction < 1.0:
         raise ValueError(f"seed_fraction must be in [0, 1), got {seed_fraction}")
     return 0 if seed_fraction == 0.0 else max(1, round(seed_fraction * k))
-
-
-@torch.no_grad()
-def softmax_outputs(model: nn.Module, images: torch.Tensor) -> np.ndarray:
-    """The model's class probabilities (n, C) as float64."""
-    return torch.softmax(predict_logits(model, images).double(), dim=1).numpy()

@@ -20,8 +20,11 @@ from attacker.cli import app
 from attacker.oracle import Meter
 from attacker.selection import SELECTORS, SelectionResult, Selector
 from attacker.selection.activethief import ActiveThief, k_center_greedy
+from attacker.selection.class_probability import HcpSelector
+from attacker.selection.guides import probabilities_from_model
 from attacker.selection.knockoff import GradientBandit, KnockoffAdaptive, KnockoffRandomSelector
-from attacker.selection.rounds import RoundState, run_rounds, softmax_outputs
+from attacker.selection.online import GuidedRounds, select_with_target_guide
+from attacker.selection.rounds import RoundState, run_rounds
 from mlcore.datasets import ImageDataset
 from tests.attacker.fakes import FakeService, route_http_to
 
@@ -106,9 +109,11 @@ def test_activethief_rounds_score_the_pool_with_the_retrained_substitute() -> No
     """Entropy picks the images the substitute is least sure of; k-center the farthest."""
     pool = synthetic_pool(per_class=3)
     substitute = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
-    state = RoundState(pool, np.arange(5), np.zeros(5, np.int64), substitute, np.random.default_rng())
+    state = RoundState(
+        pool, np.arange(5), np.zeros(5, np.int64), substitute, np.random.default_rng()
+    )
     chosen = ActiveThief(criterion="entropy").choose(state, 4)
-    scores = entropy(softmax_outputs(substitute, pool.images), axis=1)
+    scores = entropy(probabilities_from_model(substitute, pool.images), axis=1)
     left = np.arange(5, len(pool))
     assert set(chosen) == set(left[np.argsort(-scores[left])[:4]])
 
@@ -135,7 +140,9 @@ def run_online(folder: Path, *args: str) -> dict:
     return json.loads((folder / "report.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["knockoff-adaptive", "activethief-entropy", "activethief-kcenter"])
+@pytest.mark.parametrize(
+    "method", ["knockoff-adaptive", "activethief-entropy", "activethief-kcenter"]
+)
 def test_an_adaptive_method_over_http_is_charged_exactly_its_budget(
     service: ListingService, tmp_path: Path, method: str
 ) -> None:
@@ -186,14 +193,35 @@ def guided(monkeypatch: pytest.MonkeyPatch) -> str:
     ("args", "message"),
     [
         (["--method", "knockoff-bogus"], "unknown method 'knockoff-bogus'"),
-        (["--method", "knockoff-adaptive", "--k", "1501"], "--k for knockoff-adaptive must be in 1..1500 (the pool size), got 1501"),  # fmt: skip
-        (["--method", "knockoff-adaptive", "--k", "5", "--rounds", "10"], "rounds=10 cannot fit the budget: k=5 leaves 5 labels"),  # fmt: skip
-        (["--method", "activethief-entropy", "--k", "20", "--rounds", "19"], "rounds=19 cannot fit the budget: k=20 after a seed of 2 leaves 18 labels"),  # fmt: skip
+        (
+            ["--method", "knockoff-adaptive", "--k", "1501"],
+            "--k for knockoff-adaptive must be in 1..1500 (the pool size), got 1501",
+        ),
+        (
+            ["--method", "knockoff-adaptive", "--k", "5", "--rounds", "10"],
+            "rounds=10 cannot fit the budget: k=5 leaves 5 labels",
+        ),
+        (
+            ["--method", "activethief-entropy", "--k", "20", "--rounds", "19"],
+            "rounds=19 cannot fit the budget: k=20 after a seed of 2 leaves 18 labels",
+        ),
         (["--method", "activethief-kcenter", "--seed-fraction", "0"], "seed_fraction must be > 0"),
-        (["--method", "activethief-kcenter", "--seed-fraction", "1.5"], "seed_fraction must be in [0, 1), got 1.5"),  # fmt: skip
-        (["--method", "knockoff-adaptive", "--rounds", "0"], "rounds must be an integer >= 1, got 0"),  # fmt: skip
-        (["--method", "{guided}", "--seed-fraction", "0"], "most-confident needs probabilities and the target answers labels only: give it a seed budget (--seed-fraction > 0), got --seed-fraction 0.0"),  # fmt: skip
-        (["--method", "{guided}", "--seed-fraction", "0.99", "--k", "50"], "--seed-fraction 0.99 leaves no labels for most-confident to choose at k=50"),  # fmt: skip
+        (
+            ["--method", "activethief-kcenter", "--seed-fraction", "1.5"],
+            "seed_fraction must be in [0, 1), got 1.5",
+        ),
+        (
+            ["--method", "knockoff-adaptive", "--rounds", "0"],
+            "rounds must be an integer >= 1, got 0",
+        ),
+        (
+            ["--method", "{guided}", "--seed-fraction", "0"],
+            "most-confident needs probabilities and the target answers labels only: give it a seed budget (--seed-fraction > 0), got --seed-fraction 0.0",
+        ),
+        (
+            ["--method", "{guided}", "--seed-fraction", "0.99", "--k", "50"],
+            "--seed-fraction 0.99 leaves no labels for most-confident to choose at k=50",
+        ),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )
@@ -209,11 +237,65 @@ def test_online_methods_fail_on_bad_input_before_a_label_is_bought(
     assert service.used == 0 and all("inputs" not in body for body in service.requests)
 
 
-def test_select_and_extract_say_where_each_method_runs(service: ListingService, tmp_path: Path) -> None:
+def test_select_and_extract_say_where_each_method_runs(
+    service: ListingService, tmp_path: Path
+) -> None:
     code, output = invoke("select", "--method", "knockoff-adaptive", "-o", str(tmp_path / "s.json"))
     assert code == 2 and "buys its labels in rounds from the target: use `attacker run`" in output
     code, output = invoke(
-        "extract", "--url", URL, "--api-key", "k", "--method", "random", "-o", str(tmp_path / "s.pt")
+        "extract",
+        "--url",
+        URL,
+        "--api-key",
+        "k",
+        "--method",
+        "random",
+        "-o",
+        str(tmp_path / "s.pt"),
     )
     assert code == 2 and "--method random is not an online method" in output
     assert service.requests == []
+
+
+def test_a_guided_selector_online_against_a_label_only_target_buys_a_seed_round_first(
+    service: ListingService, guided: str, tmp_path: Path
+) -> None:
+    """Label-only target: a random seed round trains the attacker's model, whose probabilities
+    guide the selector over the rest of the pool; k labels in all, and the report says so."""
+    report = run_online(tmp_path, "--method", guided, "--k", "40", "--seed-fraction", "0.25")
+    assert report["guide_source"] == "seed-model"
+    assert [record["bought"] for record in report["rounds"]] == [10, 30]
+    assert service.used == 40 == report["queries_paid"] == report["queries_bought"]
+
+
+class ProbabilityOracle:
+    """Answers probabilities that favour each image's first pixel's class, one query each."""
+
+    def __init__(self) -> None:
+        self.meter, self.queries_remaining = Meter(), None
+
+    def predict_probabilities(self, images: np.ndarray) -> np.ndarray:
+        self.meter.paid += len(images)
+        rng = np.random.default_rng(2)
+        scores = rng.random((len(images), 10))
+        scores[np.arange(len(images)), images.reshape(len(images), -1)[:, 0] % 10] += 1.0
+        return scores / scores.sum(axis=1, keepdims=True)
+
+
+def test_the_target_guide_pays_one_query_per_pool_image_and_labels_by_its_argmax() -> None:
+    pool = synthetic_pool(per_class=5)
+    oracle = ProbabilityOracle()
+    images, labels = pool.images.numpy(), pool.labels.numpy()
+    chosen, bought = select_with_target_guide(oracle, images, labels, HcpSelector(), k=20)
+    assert oracle.meter.paid == len(pool)  # the guide is the target's answers on the whole pool
+    assert len(set(chosen.tolist())) == 20 and (bought == labels[chosen]).all()
+
+
+def test_guided_rounds_choose_the_rest_from_the_unbought_pool_with_the_real_hcp() -> None:
+    pool = synthetic_pool(per_class=10)
+    oracle = DiverseOnClassThree()
+    strategy = GuidedRounds("hcp", HcpSelector(), seed_fraction=0.2, seed=0)
+    result = run_rounds(strategy, oracle, pool, k=50, epochs=1, round_epochs=1, batch_size=32)
+    assert [record["bought"] for record in result.rounds] == [10, 40]
+    assert oracle.meter.paid == 50 == len(set(result.indices.tolist()))
+    assert result.strategy["guide_source"] == "seed-model"
