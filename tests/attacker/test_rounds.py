@@ -265,6 +265,9 @@ def test_a_guided_selector_online_against_a_label_only_target_buys_a_seed_round_
     report = run_online(tmp_path, "--method", guided, "--k", "40", "--seed-fraction", "0.25")
     assert report["guide_source"] == "seed-model"
     assert [record["bought"] for record in report["rounds"]] == [10, 30]
+    notes = (tmp_path / "report.md").read_text()
+    assert "labels bought per round 10, 30" in notes
+    assert "guide from the attacker's own model, trained on a random seed round" in notes
     assert service.used == 40 == report["queries_paid"] == report["queries_bought"]
 
 
