@@ -9,6 +9,7 @@ attacker run     --url URL --api-key KEY --model lenet5-mnist --method drmi --k 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import secrets
@@ -107,23 +108,67 @@ def _selector_params(
 ) -> dict:
     if method == "drmi":
         return {"alpha": alpha, "init": init, "bins": bins, "starts": starts}
-    return {"seed": seed}
+    from attacker.selection import SELECTORS
+
+    if method not in SELECTORS:
+        return {"seed": seed}  # make_selector names the unknown method
+    accepted = inspect.signature(SELECTORS[method]).parameters  # e.g. TRACE: init, starts, seed
+    return {
+        name: value
+        for name, value in {"init": init, "starts": starts, "seed": seed}.items()
+        if name in accepted
+    }
 
 
-def _select(pool_spec: str, data_root: Path | None, method: str, k: int, params: dict[str, Any]):
+def _select(
+    pool_spec: str,
+    data_root: Path | None,
+    method: str,
+    k: int,
+    params: dict[str, Any],
+    *,
+    guide: np.ndarray | None = None,
+    guide_source: dict[str, Any] | None = None,
+):
+    """Run selector ``method`` on the pool; ``guide`` (and where it came from, for the
+    selection file) for the strategies that need one."""
     from attacker.selection import Selection, make_selector
     from mlcore.datasets import load_dataset
 
     pool = load_dataset(pool_spec, data_root=data_root)
     selector = make_selector(method, **params)  # DRMI reports its progress through logging
     started = time.perf_counter()
-    result = selector(pool.images.numpy(), pool.labels.numpy(), k=k)
+    result = selector(pool.images.numpy(), pool.labels.numpy(), k=k, guide=guide)
     seconds = time.perf_counter() - started
-    return (
-        pool,
-        Selection.from_result(result, pool=pool_spec, method=method, params=params),
-        seconds,
+    selection = Selection.from_result(
+        result, pool=pool_spec, method=method, params=params, guide=guide_source
     )
+    return pool, selection, seconds
+
+
+def _guide_from_model(
+    method: str, guide_model: Path | None, pool_spec: str, data_root: Path | None
+) -> tuple[np.ndarray | None, dict[str, Any] | None]:
+    """The guide ``method`` needs, computed by the model in checkpoint ``guide_model``."""
+    from attacker.selection import SELECTORS
+    from attacker.selection.guides import guide_from_checkpoint
+    from mlcore.datasets import load_dataset
+
+    kind = SELECTORS[method].guide if method in SELECTORS else None
+    if kind is None:
+        if guide_model is not None:
+            guided = ", ".join(name for name, cls in sorted(SELECTORS.items()) if cls.guide)
+            raise ValueError(
+                f"--guide-model is for the guided methods ({guided}); {method} uses none"
+            )
+        return None, None
+    if guide_model is None:
+        raise ValueError(
+            f"--method {method} needs the {kind} of a model on the pool images: give "
+            "--guide-model CHECKPOINT (e.g. a substitute from `attacker extract`)"
+        )
+    pool = load_dataset(pool_spec, data_root=data_root)
+    return guide_from_checkpoint(guide_model, kind, pool.images.numpy())
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -133,19 +178,31 @@ def _fail(exc: Exception) -> typer.Exit:
 
 @app.command()
 def select(
-    method: Annotated[str, typer.Option(help="drmi | random")] = "drmi",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="drmi | random | cmal | hcp | lcp | kmeans | pca-kmeans | trace-min | trace-max"
+        ),
+    ] = "drmi",
     pool: Pool = "mnist-embedded:pool",
     k: Annotated[int, typer.Option(help="How many queries to select.")] = 300,
     alpha: Annotated[float, typer.Option(help="DRMI: I = MI^alpha.")] = 2.0,
-    init: Annotated[str, typer.Option(help="DRMI: min-sum | min-max.")] = "min-sum",
+    init: Annotated[str, typer.Option(help="DRMI, TRACE: min-sum | min-max.")] = "min-sum",
     bins: Annotated[
         int, typer.Option(help="DRMI: histogram bins (256 = one per intensity).")
     ] = 256,
     starts: Annotated[
-        int | None, typer.Option(help="DRMI: start vertices (default all: exact).")
+        int | None, typer.Option(help="DRMI, TRACE: start vertices (default all: exact).")
     ] = None,
     seed: Seed = 0,
     data_root: DataRoot = None,
+    guide_model: Annotated[
+        Path | None,
+        typer.Option(
+            help="hcp, lcp, kmeans, pca-kmeans: class probabilities, trace-*: activations of "
+            "the pool images by this local checkpoint (e.g. a substitute)."
+        ),
+    ] = None,
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("selection.json"),
 ) -> None:
     """Choose which pool images to buy labels for, and save the choice as JSON."""
@@ -154,11 +211,17 @@ def select(
         params = _selector_params(
             method, alpha=alpha, init=init, bins=bins, starts=starts, seed=seed
         )
-        _, selection, seconds = _select(pool, data_root, method, k, params)
+        guide, guide_source = _guide_from_model(method, guide_model, pool, data_root)
+        _, selection, seconds = _select(
+            pool, data_root, method, k, params, guide=guide, guide_source=guide_source
+        )
     except (ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from None
     selection.save(output)
-    console.print(f"selected {selection.k} of {pool} with {method} in {seconds:.1f} s -> {output}")
+    guided = "" if guide_model is None else f" guided by {guide_model}"
+    console.print(
+        f"selected {selection.k} of {pool} with {method}{guided} in {seconds:.1f} s -> {output}"
+    )
 
 
 def _oracle(

@@ -35,6 +35,7 @@ __all__ = [
     "Selection",
     "SelectionResult",
     "Selector",
+    "check_int",
     "select_per_class",
     "split_budget",
 ]
@@ -220,6 +221,13 @@ def select_per_class(labels: np.ndarray, k: int, choose: ClassChooser) -> Select
         chosen.append(members[positions])
         per_class[c].update(diagnostics)
     return SelectionResult(indices=np.sort(np.concatenate(chosen)), per_class=per_class)
+
+
+def check_int(name: str, value: object) -> int:
+    """``value`` as an int, or a ValueError naming ``name`` (bools and floats are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
 
 
 def _count(label: object, value: object) -> int:

@@ -3,13 +3,12 @@
 
 HCP ("high class probability": classified correctly with high confidence) takes the k images
 whose probability of their own label is highest; LCP ("classified correctly with low
-confidence", Table 12) the k lowest; as every strategy of the paper, per class (k split
-evenly: ``select_per_class``). An image counts as classified correctly when its label's probability
-is the row's maximum; those come first for both, so LCP prefers uncertain-but-right images to
+confidence", Table 12) the k lowest; as every strategy of the paper, per class (k split evenly:
+``select_per_class``). An image counts as classified correctly when its label's probability is
+the row's maximum; those come first for both, so LCP prefers uncertain-but-right images to
 wrong ones, and only when k exceeds them are misclassified images taken, in the same order.
 Ties go to the lower pool index. The probabilities are the guide (``guide = "probabilities"``):
-the target's own when its output policy returns them, else a model of the attacker's.
-"""
+the target's own when its output policy returns them, else a model of the attacker's."""
 
 from __future__ import annotations
 

@@ -108,8 +108,12 @@ def cmal_subset(vectors: np.ndarray, k: int, *, max_swaps: int | None = None) ->
         chosen_c += c[q]
         in_set[q] = True
         s += _squared_dots(x, q)
-    swaps = _swap_until_stable(x, in_set, s, c, norms4, k=k, tolerance=_SWAP_RTOL * constant,
-                               max_swaps=max(1000, 10 * k) if max_swaps is None else max_swaps)  # fmt: skip
+    if max_swaps is None:
+        max_swaps = max(1000, 10 * k)
+    tolerance = _SWAP_RTOL * constant
+    swaps = _swap_until_stable(
+        x, in_set, s, c, norms4, k=k, tolerance=tolerance, max_swaps=max_swaps
+    )
     indices = np.flatnonzero(in_set)
     return CmalResult(indices, correlation_gap(x, indices), swaps)
 

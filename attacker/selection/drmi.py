@@ -41,9 +41,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from attacker.selection.base import SelectionResult, Selector, select_per_class
+from attacker.selection.base import SelectionResult, Selector, check_int, select_per_class
 
-__all__ = ["DrmiSelector", "InitMethod", "SubsetResult", "drmi_subset", "subset_weight"]
+__all__ = [
+    "DrmiSelector",
+    "InitMethod",
+    "SubsetResult",
+    "check_search_options",
+    "drmi_subset",
+    "subset_weight",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -96,16 +103,10 @@ class DrmiSelector(Selector):
             or alpha <= 0
         ):
             raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-        if init not in INIT_METHODS:
-            raise ValueError(f"init must be 'min-sum' or 'min-max', got {init!r}")
-        _check_int("bins", bins)
+        check_search_options(init=init, starts=starts, seed=seed)
+        check_int("bins", bins)
         if not 2 <= bins <= 256:
             raise ValueError(f"bins must be in 2..256, got {bins}")
-        if starts is not None:
-            _check_int("starts", starts)
-            if starts < 1:
-                raise ValueError(f"starts must be >= 1 (or None for all), got {starts}")
-        _check_int("seed", seed)
         self.alpha = float(alpha)
         self.init: InitMethod = init
         self.bins = int(bins)
@@ -181,16 +182,16 @@ def drmi_subset(
     """
     w = _as_weight_matrix(weights)
     n = w.shape[0]
-    _check_int("k", k)
+    check_int("k", k)
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..{n}, got {k}")
     if init not in INIT_METHODS:
         raise ValueError(f"init must be 'min-sum' or 'min-max', got {init!r}")
     if starts is not None:
-        _check_int("starts", starts)
+        check_int("starts", starts)
         if not 1 <= starts <= n:
             raise ValueError(f"starts must be in 1..{n} (or None for all), got {starts}")
-    _check_int("seed", seed)
+    check_int("seed", seed)
     if k == n:
         everything = np.arange(n)
         return SubsetResult(everything, subset_weight(w, everything), start=0, swaps=0)
@@ -232,9 +233,13 @@ def subset_weight(weights: np.ndarray, indices: np.ndarray) -> float:
     return float(0.5 * (block.sum() - np.trace(block)))
 
 
-def _check_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+def check_search_options(*, init: object, starts: object, seed: object) -> None:
+    """Check Algorithm 1's options (DRMI's and TRACE's): init, start vertices, seed."""
+    if init not in INIT_METHODS:
+        raise ValueError(f"init must be 'min-sum' or 'min-max', got {init!r}")
+    if starts is not None and check_int("starts", starts) < 1:
+        raise ValueError(f"starts must be >= 1 (or None for all), got {starts}")
+    check_int("seed", seed)
 
 
 def _as_weight_matrix(weights: np.ndarray) -> np.ndarray:

@@ -17,7 +17,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from attacker.selection.base import GuideKind, SelectionResult, Selector, select_per_class
+from attacker.selection.base import (
+    GuideKind,
+    SelectionResult,
+    Selector,
+    check_int,
+    select_per_class,
+)
 
 __all__ = ["KMeansSelector", "PcaKMeansSelector", "nearest_to_centroids"]
 
@@ -28,9 +34,7 @@ class KMeansSelector(Selector):
     guide: ClassVar[GuideKind | None] = "probabilities"
 
     def __init__(self, *, seed: int = 0) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = check_int("seed", seed)
 
     @property
     def params(self) -> dict[str, Any]:

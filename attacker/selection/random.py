@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from attacker.selection.base import SelectionResult, Selector, split_budget
+from attacker.selection.base import SelectionResult, Selector, check_int, split_budget
 
 __all__ = ["RandomSelector"]
 
@@ -19,9 +19,7 @@ class RandomSelector(Selector):
     """
 
     def __init__(self, *, seed: int) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = check_int("seed", seed)
 
     @property
     def params(self) -> dict[str, Any]:

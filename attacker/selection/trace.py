@@ -22,7 +22,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from attacker.selection.base import GuideKind, SelectionResult, Selector, select_per_class
-from attacker.selection.drmi import INIT_METHODS, InitMethod, _check_int, drmi_subset, subset_weight
+from attacker.selection.drmi import (
+    InitMethod,
+    check_search_options,
+    drmi_subset,
+    subset_weight,
+)
 
 __all__ = ["TraceMaxSelector", "TraceMinSelector", "TraceSelector", "hamming_matrix"]
 
@@ -36,13 +41,7 @@ class TraceSelector(Selector):
     def __init__(
         self, *, init: InitMethod = "min-sum", starts: int | None = None, seed: int = 0
     ) -> None:
-        if init not in INIT_METHODS:
-            raise ValueError(f"init must be 'min-sum' or 'min-max', got {init!r}")
-        if starts is not None:
-            _check_int("starts", starts)
-            if starts < 1:
-                raise ValueError(f"starts must be >= 1 (or None for all), got {starts}")
-        _check_int("seed", seed)
+        check_search_options(init=init, starts=starts, seed=seed)
         self.init: InitMethod = init
         self.starts = None if starts is None else int(starts)
         self.seed = int(seed)
@@ -55,10 +54,9 @@ class TraceSelector(Selector):
         self, images: np.ndarray, labels: np.ndarray, *, k: int, guide: np.ndarray | None = None
     ) -> SelectionResult:
         assert guide is not None  # Selector.__call__ checked it: guide = "activations"
-        activated = guide > 0
 
         def choose(_c: int, members: np.ndarray, k_c: int) -> tuple[np.ndarray, dict[str, Any]]:
-            distances = hamming_matrix(activated[members])
+            distances = hamming_matrix(guide[members] > 0)
             weights = distances if self.target == "min" else distances.max() - distances
             starts = None if self.starts is None else min(self.starts, len(members))
             subset = drmi_subset(weights, k_c, init=self.init, starts=starts, seed=self.seed)
