@@ -5,6 +5,7 @@ attacker extract --url URL --api-key KEY --model lenet5-mnist --selection drmi30
 attacker transfer --url URL --api-key KEY --model lenet5-mnist --substitute sub.pt --targeted \
                   --eps 0.5 --seeds 500 --report-dir r/
 attacker run     --url URL --api-key KEY --model lenet5-mnist --method drmi --k 300 --report-dir r/
+attacker membership --url URL --api-key KEY --challenge ID --attack threshold --report-dir r/
 """
 
 from __future__ import annotations
@@ -1111,6 +1112,14 @@ def _print_runs(runs: list[dict[str, Any]]) -> None:
         )
     Console().print(table)
 
+
+def _register_membership() -> None:
+    from attacker.membership.command import membership
+
+    app.command()(membership)
+
+
+_register_membership()
 
 if __name__ == "__main__":
     app()
