@@ -403,18 +403,13 @@ def _check_offline(method: str) -> None:
 
 def _target_probabilities(url: str, api_key: str, model: str) -> bool:
     """Whether the target's output policy returns probabilities (``GET /v1/models``, free)."""
-    from attacker.selection.online import returns_probabilities
-    from mlcore.client import ServiceClient, ServiceError
+    from attacker.oracle import HttpOracle, OracleError
 
     try:
-        with ServiceClient(url, api_key) as service:
-            cards = service.models()
-    except ServiceError as exc:
-        raise ValueError(f"cannot read the target's model list at {url}: {exc}") from None
-    for card in cards:
-        if card.get("name") == model:
-            return returns_probabilities(str(card.get("output_policy", "")))
-    raise ValueError(f"--model {model!r} is not listed by {url}")
+        with HttpOracle(url, api_key, model) as oracle:
+            return oracle.output_policy().startswith("probabilities")
+    except OracleError as exc:
+        raise ValueError(f"cannot read the output policy of {model!r}: {exc}") from None
 
 
 def _online_and_evaluate(

@@ -39,7 +39,6 @@ __all__ = [
     "check_guide_source",
     "is_online",
     "make_adaptive",
-    "returns_probabilities",
     "select_with_target_guide",
 ]
 
@@ -114,12 +113,6 @@ def build_online(
     guided = GuidedRounds(method, selector, seed_fraction=seed_fraction, seed=seed)
     guided.round_sizes(k)
     return OnlineMethod(method, guided.params, guided, selector, source)
-
-
-def returns_probabilities(output_policy: str) -> bool:
-    """Whether answers under this output policy (as ``GET /v1/models`` names it) carry
-    probabilities."""
-    return output_policy.startswith("probabilities")
 
 
 def check_guide_source(

@@ -47,7 +47,12 @@ class ListingService(FakeService):
         if request.method == "GET" and request.url.path == "/v1/models":
             card = {"name": "lenet5-mnist", "output_policy": self.output_policy}
             return httpx2.Response(200, json={"models": [card]})
-        return super().__call__(request)
+        response = super().__call__(request)
+        if response.status_code == 200 and self.output_policy.startswith("probabilities"):
+            answer = response.json()  # one-hot probabilities of the scripted labels
+            answer["probabilities"] = np.eye(10)[answer["labels"]].tolist()
+            return httpx2.Response(200, json=answer)
+        return response
 
 
 @pytest.fixture
@@ -269,6 +274,22 @@ def test_a_guided_selector_online_against_a_label_only_target_buys_a_seed_round_
     assert "labels bought per round 10, 30" in notes
     assert "guide from the attacker's own model, trained on a random seed round" in notes
     assert service.used == 40 == report["queries_paid"] == report["queries_bought"]
+
+
+def test_a_guided_selector_against_a_probability_target_pays_for_the_whole_pool(
+    service: ListingService, guided: str, tmp_path: Path
+) -> None:
+    """The target returns probabilities: the pool (1,500 images) is sent once for the guide,
+    every one of those queries is paid and reported, and nothing is bought twice."""
+    service.output_policy = "probabilities:4"
+    report = run_online(tmp_path, "--method", guided, "--k", "20")
+    assert report["guide_source"] == "target"
+    assert report["queries_paid"] == 1500 == service.used
+    assert report["queries_bought"] == 20 and report["rounds"] == []
+    assert (
+        "guide from the target's probabilities of the whole pool"
+        in (tmp_path / "report.md").read_text()
+    )
 
 
 class ProbabilityOracle:
