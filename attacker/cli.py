@@ -368,7 +368,6 @@ def _jbda_and_evaluate(
 ) -> tuple[Any, dict[str, Any]]:
     """JbDA spends ``k`` queries on synthetic points (its own schedule: 100 seeds, lambda 0.1,
     sign flip after 3 rounds, 10 epochs per round)."""
-    from attacker.extraction import evaluate_substitute
     from attacker.jbda import jbda_extract
 
     with (
@@ -376,9 +375,30 @@ def _jbda_and_evaluate(
         _oracle(url, api_key, model, cache, progress, total=k, shared_cache=shared_cache) as oracle,
     ):
         result = jbda_extract(oracle, pool, k=k, arch=arch, seed_size=JBDA_SEED_SIZE, seed=seed)
-    run = {
-        "method": "jbda",
-        "params": {"seed_size": JBDA_SEED_SIZE, "lambda": 0.1, "tau": 3, "epochs_per_round": 10},
+    params = {"seed_size": JBDA_SEED_SIZE, "lambda": 0.1, "tau": 3, "epochs_per_round": 10}
+    return result, _run_record(
+        "jbda", params, k, result, oracle, test=test, target_labels=target_labels, seed=seed
+    )
+
+
+def _run_record(
+    method: str,
+    params: dict[str, Any],
+    k: int,
+    result,
+    oracle,
+    *,
+    test,
+    target_labels: np.ndarray | None,
+    seed: int,
+) -> dict[str, Any]:
+    """The report's fields for one extraction run: what was bought and paid, and how good the
+    substitute is."""
+    from attacker.extraction import evaluate_substitute
+
+    return {
+        "method": method,
+        "params": params,
         "k": k,
         "queries_bought": result.queries_bought,
         **oracle.meter.report(),
@@ -387,7 +407,6 @@ def _jbda_and_evaluate(
         "train_seconds": round(result.train_seconds, 2),
         "seed": seed,
     }
-    return result, run
 
 
 def _check_offline(method: str) -> None:
@@ -433,7 +452,7 @@ def _online_and_evaluate(
     """An online method (``attacker.selection.online``): buys in rounds, or (a guided selector
     against a target that returns probabilities) guides the selection with the target's
     answers on the whole pool; the progress bar shows the rounds."""
-    from attacker.extraction import ExtractionResult, evaluate_substitute, train_substitute
+    from attacker.extraction import ExtractionResult, train_substitute
     from attacker.selection.online import select_with_target_guide
     from attacker.selection.rounds import run_rounds
 
@@ -478,21 +497,11 @@ def _online_and_evaluate(
                 progress=on_epoch,
             )  # fmt: skip
             rounds, learnt = result.rounds, result.strategy
-    run = {
-        "method": online.method,
-        "params": online.params,
-        "k": k,
-        "queries_bought": result.queries_bought,
-        **oracle.meter.report(),
-        "stopped_by": result.stopped_by,
-        **evaluate_substitute(result.substitute, test, target_labels=target_labels),
-        "train_seconds": round(result.train_seconds, 2),
-        "seed": seed,
-        "guide_source": online.guide_source,
-        "rounds": rounds,
-        **learnt,
-    }
-    return result, run
+    run = _run_record(
+        online.method, online.params, k, result, oracle, test=test, target_labels=target_labels,
+        seed=seed,
+    )  # fmt: skip
+    return result, {**run, "guide_source": online.guide_source, "rounds": rounds, **learnt}
 
 
 @app.command("simulate-benign")
