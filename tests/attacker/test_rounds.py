@@ -25,6 +25,7 @@ from attacker.selection.guides import probabilities_from_model
 from attacker.selection.knockoff import GradientBandit, KnockoffAdaptive, KnockoffRandomSelector
 from attacker.selection.online import GuidedRounds, select_with_target_guide
 from attacker.selection.rounds import RoundState, run_rounds
+from mlcore.checkpoints import load_checkpoint
 from mlcore.datasets import ImageDataset
 from tests.attacker.fakes import FakeService, route_http_to
 
@@ -323,3 +324,20 @@ def test_guided_rounds_choose_the_rest_from_the_unbought_pool_with_the_real_hcp(
     assert [record["bought"] for record in result.rounds] == [10, 40]
     assert oracle.meter.paid == 50 == len(set(result.indices.tolist()))
     assert result.strategy["guide_source"] == "seed-model"
+
+
+def test_extract_runs_an_online_method_for_exactly_k_labels(
+    service: ListingService, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "substitute.pt"
+    common = ["extract", "--url", URL, "--api-key", "k", "--cache", str(tmp_path / "c.sqlite3")]
+    code, output = invoke(*common, "--method", "activethief-kcenter", "--k", "1501")
+    assert code == 2 and "--k must be in 1..1500 (the pool size), got 1501" in output
+    code, output = invoke(
+        *common, "--method", "activethief-entropy", "--k", "30", "--rounds", "2", "--epochs", "1",
+        "--round-epochs", "1", "--batch-size", "32", "-o", str(checkpoint),
+    )  # fmt: skip
+    assert code == 0, output
+    metrics = load_checkpoint(checkpoint).metrics
+    assert metrics["queries_bought"] == metrics["queries_paid"] == 30 == service.used
+    assert [record["bought"] for record in metrics["rounds"]] == [3, 14, 13]
