@@ -134,7 +134,8 @@ def run_rounds(
         _check_choice(chosen, state, size, who=type(strategy).__name__)
         purchase = buy(oracle, pool.images[torch.as_tensor(chosen)].numpy())
         got = purchase.bought
-        strategy.observe(state, chosen[got], purchase.labels[got])
+        if got.any():
+            strategy.observe(state, chosen[got], purchase.labels[got])
         state.bought = np.concatenate([state.bought, chosen[got]])
         state.labels = np.concatenate([state.labels, purchase.labels[got]])
         records.append({"round": number, "planned": size, "bought": int(got.sum())})

@@ -160,14 +160,30 @@ def test_an_adaptive_method_over_http_is_charged_exactly_its_budget(
     assert len(service.requests) == len(sizes)  # one purchase per round
 
 
-def test_a_402_in_the_middle_of_a_round_keeps_what_was_bought(
-    service: ListingService, tmp_path: Path
+@pytest.mark.parametrize(
+    ("refusal", "stopped_by", "last_round", "bought"),
+    [
+        # rounds of 15: the fourth is refused (402), then the 5 left of the budget are spent
+        ({"budget": 50}, "budget", {"round": 4, "planned": 15, "bought": 5}, 50),
+        # a detector blocks the client after 40 charged queries: the fourth round gets a 403
+        ({"block_after": 40}, "blocked", {"round": 4, "planned": 15, "bought": 0}, 45),
+    ],
+    ids=["402", "403"],
+)
+def test_a_refusal_in_the_middle_of_the_rounds_keeps_what_was_bought(
+    service: ListingService,
+    tmp_path: Path,
+    refusal: dict[str, int],
+    stopped_by: str,
+    last_round: dict[str, int],
+    bought: int,
 ) -> None:
-    service.budget = 50  # rounds of 15: the fourth is refused, then the 5 left are spent
+    for name, value in refusal.items():
+        setattr(service, name, value)
     report = run_online(tmp_path, "--method", "knockoff-adaptive", "--k", "60", "--rounds", "4")
-    assert report["stopped_by"] == "budget"
-    assert report["rounds"][-1] == {"round": 4, "planned": 15, "bought": 5}
-    assert report["queries_bought"] == report["queries_paid"] == 50 == service.used
+    assert report["stopped_by"] == stopped_by
+    assert report["rounds"][-1] == last_round
+    assert report["queries_bought"] == report["queries_paid"] == bought == service.used
     assert (tmp_path / "substitute-knockoff-adaptive-k60.pt").exists()
 
 
