@@ -5,6 +5,7 @@ attacker extract --url URL --api-key KEY --model lenet5-mnist --selection drmi30
 attacker transfer --url URL --api-key KEY --model lenet5-mnist --substitute sub.pt --targeted \
                   --eps 0.5 --seeds 500 --report-dir r/
 attacker run     --url URL --api-key KEY --model lenet5-mnist --method drmi --k 300 --report-dir r/
+attacker membership --url URL --api-key KEY --challenge ID --attack threshold --report-dir r/
 """
 
 from __future__ import annotations
@@ -65,6 +66,19 @@ SharedCache = Annotated[
         help="Use this answer cache shared between accounts instead of --cache: labels any "
         "account bought are reused (a Sybil strategy; the report says it was used)."
     ),
+]
+Rounds = Annotated[
+    int, typer.Option(help="Adaptive methods (knockoff-adaptive, activethief-*): purchase rounds.")
+]
+SeedFraction = Annotated[
+    float,
+    typer.Option(
+        help="ActiveThief, and guided methods against a label-only target: share of k bought "
+        "at random first, to train the attacker's own model."
+    ),
+]
+RoundEpochs = Annotated[
+    int, typer.Option(min=1, help="Adaptive methods: epochs of the substitute between rounds.")
 ]
 Norm = Annotated[str, typer.Option(help="PGD norm: linf | l2.")]
 Steps = Annotated[int, typer.Option(min=1, help="PGD iterations.")]
@@ -194,6 +208,7 @@ def select(
 ) -> None:
     """Choose which pool images to buy labels for, and save the choice as JSON."""
     try:
+        _check_offline(method)
         params = _selector_params(
             method, alpha=alpha, init=init, bins=bins, starts=starts, seed=seed
         )
@@ -353,7 +368,6 @@ def _jbda_and_evaluate(
 ) -> tuple[Any, dict[str, Any]]:
     """JbDA spends ``k`` queries on synthetic points (its own schedule: 100 seeds, lambda 0.1,
     sign flip after 3 rounds, 10 epochs per round)."""
-    from attacker.extraction import evaluate_substitute
     from attacker.jbda import jbda_extract
 
     with (
@@ -361,9 +375,30 @@ def _jbda_and_evaluate(
         _oracle(url, api_key, model, cache, progress, total=k, shared_cache=shared_cache) as oracle,
     ):
         result = jbda_extract(oracle, pool, k=k, arch=arch, seed_size=JBDA_SEED_SIZE, seed=seed)
-    run = {
-        "method": "jbda",
-        "params": {"seed_size": JBDA_SEED_SIZE, "lambda": 0.1, "tau": 3, "epochs_per_round": 10},
+    params = {"seed_size": JBDA_SEED_SIZE, "lambda": 0.1, "tau": 3, "epochs_per_round": 10}
+    return result, _run_record(
+        "jbda", params, k, result, oracle, test=test, target_labels=target_labels, seed=seed
+    )
+
+
+def _run_record(
+    method: str,
+    params: dict[str, Any],
+    k: int,
+    result,
+    oracle,
+    *,
+    test,
+    target_labels: np.ndarray | None,
+    seed: int,
+) -> dict[str, Any]:
+    """The report's fields for one extraction run: what was bought and paid, and how good the
+    substitute is."""
+    from attacker.extraction import evaluate_substitute
+
+    return {
+        "method": method,
+        "params": params,
         "k": k,
         "queries_bought": result.queries_bought,
         **oracle.meter.report(),
@@ -372,7 +407,101 @@ def _jbda_and_evaluate(
         "train_seconds": round(result.train_seconds, 2),
         "seed": seed,
     }
-    return result, run
+
+
+def _check_offline(method: str) -> None:
+    """``select`` runs without the target; an adaptive method cannot."""
+    from attacker.selection.online import ADAPTIVE_METHODS
+
+    if method in ADAPTIVE_METHODS:
+        raise ValueError(
+            f"--method {method} buys its labels in rounds from the target: use `attacker run` "
+            f"or `attacker extract --method {method}`"
+        )
+
+
+def _target_probabilities(url: str, api_key: str, model: str) -> bool:
+    """Whether the target's output policy returns probabilities (``GET /v1/models``, free)."""
+    from attacker.oracle import HttpOracle, OracleError
+
+    try:
+        with HttpOracle(url, api_key, model) as oracle:
+            return oracle.output_policy().startswith("probabilities")
+    except OracleError as exc:
+        raise ValueError(f"cannot read the output policy of {model!r}: {exc}") from None
+
+
+def _online_and_evaluate(
+    *,
+    url: str,
+    api_key: str,
+    model: str,
+    pool,
+    online,
+    k: int,
+    test,
+    arch: str,
+    epochs: int,
+    round_epochs: int,
+    batch_size: int,
+    seed: int,
+    cache: Path,
+    shared_cache: Path | None,
+    target_labels: np.ndarray | None,
+) -> tuple[Any, dict[str, Any]]:
+    """An online method (``attacker.selection.online``): buys in rounds, or (a guided selector
+    against a target that returns probabilities) guides the selection with the target's
+    answers on the whole pool; the progress bar shows the rounds."""
+    from attacker.extraction import ExtractionResult, train_substitute
+    from attacker.selection.online import select_with_target_guide
+    from attacker.selection.rounds import run_rounds
+
+    buying = len(pool) if online.strategy is None else k
+    rounds: list[dict[str, Any]] = []
+    learnt: dict[str, Any] = {}
+    with (
+        _progress() as progress,
+        _oracle(
+            url, api_key, model, cache, progress, total=buying, shared_cache=shared_cache
+        ) as oracle,
+    ):
+        train_task = progress.add_task("training substitute", total=epochs, start=False)
+
+        def on_epoch(epoch: int, _epochs: int, _loss: float) -> None:
+            progress.start_task(train_task)
+            progress.update(train_task, completed=epoch)
+
+        if online.strategy is None:
+            indices, labels = select_with_target_guide(
+                oracle, pool.images.numpy(), pool.labels.numpy(), online.selector, k=k
+            )
+            substitute, arch_kwargs, seconds = train_substitute(
+                pool, indices, labels, arch=arch, epochs=epochs, batch_size=batch_size,
+                seed=seed, progress=on_epoch,
+            )  # fmt: skip
+            result = ExtractionResult(
+                substitute, arch, arch_kwargs, indices, labels, len(indices), seconds
+            )
+        else:
+            planned = len(online.strategy.round_sizes(k))
+            round_task = progress.add_task(f"{online.method}: round 0/{planned}", total=planned)
+
+            def on_round(done: int, total: int) -> None:
+                progress.update(
+                    round_task, completed=done, description=f"{online.method}: round {done}/{total}"
+                )
+
+            result = run_rounds(
+                online.strategy, oracle, pool, k=k, arch=arch, epochs=epochs,
+                round_epochs=round_epochs, batch_size=batch_size, seed=seed, on_round=on_round,
+                progress=on_epoch,
+            )  # fmt: skip
+            rounds, learnt = result.rounds, result.strategy
+    run = _run_record(
+        online.method, online.params, k, result, oracle, test=test, target_labels=target_labels,
+        seed=seed,
+    )  # fmt: skip
+    return result, {**run, "guide_source": online.guide_source, "rounds": rounds, **learnt}
 
 
 @app.command("simulate-benign")
@@ -439,6 +568,20 @@ def extract(
     selection_path: Annotated[
         Path, typer.Option("--selection", help="From `attacker select`.")
     ] = Path("selection.json"),
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of --selection, an online method that buys while it chooses: "
+            "knockoff-adaptive, activethief-entropy, activethief-kcenter or a guided selector."
+        ),
+    ] = None,
+    k: Annotated[int, typer.Option(help="With --method: labels to buy.")] = 300,
+    pool_spec: Annotated[
+        str, typer.Option("--pool", help="With --method: the attacker's pool, name:split.")
+    ] = "mnist-embedded:pool",
+    rounds: Rounds = 10,
+    seed_fraction: SeedFraction = 0.1,
+    round_epochs: RoundEpochs = 10,
     arch: Arch = "lenet5",
     epochs: Epochs = 30,
     batch_size: BatchSize = 4,
@@ -450,23 +593,48 @@ def extract(
     shared_cache: SharedCache = None,
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("substitute.pt"),
 ) -> None:
-    """Buy the selected labels and train a substitute; save it as a checkpoint. A 402 or 403
-    part-way keeps the labels bought, trains on them and says so (``stopped_by``)."""
+    """Buy the selected labels (or run an online --method) and train a substitute; save it as
+    a checkpoint. A 402 or 403 part-way keeps the labels bought, trains on them and says so
+    (``stopped_by``)."""
     from attacker.oracle import OracleError
     from attacker.selection import Selection
+    from attacker.selection.online import is_online
     from mlcore.checkpoints import save_checkpoint
     from mlcore.datasets import load_dataset
 
     try:
-        selection = Selection.load(selection_path)
-        pool = load_dataset(selection.pool, data_root=data_root)
+        if method is not None:  # every check before a label is bought
+            pool = load_dataset(pool_spec, data_root=data_root)
+            if not is_online(method):
+                raise ValueError(
+                    f"--method {method} is not an online method: run `attacker select --method "
+                    f"{method}` and pass the file as --selection"
+                )
+            if not 1 <= k <= len(pool):
+                raise ValueError(f"--k must be in 1..{len(pool)} (the pool size), got {k}")
+            online = _online_builder(
+                url, api_key, model, rounds=rounds, seed_fraction=seed_fraction, seed=seed,
+                params=lambda name: _selector_params(
+                    name, alpha=2.0, init="min-sum", bins=256, starts=None, seed=seed
+                ),
+            )(method, k)  # fmt: skip
+        else:
+            selection = Selection.load(selection_path)
+            pool_spec = selection.pool
+            pool = load_dataset(pool_spec, data_root=data_root)
         test_set = load_dataset(test, data_root=data_root)
         labels = _target_labels(url, eval_api_key, model, cache, test_set)
-        result, run = _extract_and_evaluate(
-            url=url, api_key=api_key, model=model, pool=pool, selection=selection, test=test_set, arch=arch,
+        common: dict[str, Any] = dict(
+            url=url, api_key=api_key, model=model, pool=pool, test=test_set, arch=arch,
             epochs=epochs, batch_size=batch_size, seed=seed, cache=cache, shared_cache=shared_cache,
             target_labels=labels,
         )  # fmt: skip
+        if method is not None:
+            result, run = _online_and_evaluate(
+                online=online, k=k, round_epochs=round_epochs, **common
+            )
+        else:
+            result, run = _extract_and_evaluate(selection=selection, **common)
         run["shared_cache"] = None if shared_cache is None else str(shared_cache)
     except (OracleError, ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from None
@@ -475,7 +643,7 @@ def extract(
         result.substitute,
         arch=arch,
         arch_kwargs=result.arch_kwargs,
-        dataset=selection.pool,
+        dataset=pool_spec,
         metrics=run,
     )
     _print_runs([run])
@@ -691,7 +859,11 @@ def run(
     api_key: ApiKey,
     model: Model = "lenet5-mnist",
     method: Annotated[
-        list[str] | None, typer.Option(help="Method(s): drmi, random, jbda (Papernot et al.).")
+        list[str] | None,
+        typer.Option(
+            help="Method(s): drmi, random, jbda (Papernot et al.), knockoff-random, "
+            "knockoff-adaptive, activethief-entropy, activethief-kcenter, and the guided selectors."
+        ),
     ] = None,
     k: Annotated[
         list[int] | None, typer.Option(help="Budget(s) to try; one substitute each.")
@@ -702,6 +874,9 @@ def run(
     init: Annotated[str, typer.Option(help="DRMI: min-sum | min-max.")] = "min-sum",
     bins: Annotated[int, typer.Option(help="DRMI: histogram bins.")] = 256,
     starts: Annotated[int | None, typer.Option(help="DRMI: start vertices (default all).")] = None,
+    rounds: Rounds = 10,
+    seed_fraction: SeedFraction = 0.1,
+    round_epochs: RoundEpochs = 10,
     arch: Arch = "lenet5",
     epochs: Epochs = 30,
     batch_size: BatchSize = 4,
@@ -737,6 +912,7 @@ def run(
     labels bought, trains on them, reports ``stopped_by`` and ends the extraction runs."""
     from attacker.oracle import OracleError
     from attacker.report import write_report
+    from attacker.selection.online import is_online
     from attacker.transfer import attach_to_run_report
     from mlcore.checkpoints import save_checkpoint
     from mlcore.datasets import load_dataset
@@ -760,12 +936,24 @@ def run(
             raise ValueError(f"--data-root {str(data_root)!r} is not a folder")
         pool_set = load_dataset(pool, data_root=data_root)
         test_set = load_dataset(test, data_root=data_root)
-        plan = _plan_runs(
-            methods, budgets, pool_size=len(pool_set),
-            params=lambda name: _selector_params(
+
+        def selector_params(name: str) -> dict[str, Any]:
+            return _selector_params(
                 name, alpha=alpha, init=init, bins=bins, starts=starts, seed=seed
-            ),
-        )  # fmt: skip
+            )
+
+        online_method = _online_builder(
+            url,
+            api_key,
+            model,
+            params=selector_params,
+            rounds=rounds,
+            seed_fraction=seed_fraction,
+            seed=seed,
+        )
+        plan = _plan_runs(
+            methods, budgets, pool_size=len(pool_set), params=selector_params, online=online_method
+        )
         _check_writable("--report-dir", report_dir, folder=True)
         _check_writable("--cache", cache)
         if shared_cache is not None:
@@ -781,6 +969,11 @@ def run(
             )  # fmt: skip
             if params is None:  # JbDA synthesises its queries: no selection step
                 result, record = _jbda_and_evaluate(pool=pool_set, k=budget, **common)
+            elif is_online(method_name):  # buys while it chooses
+                result, record = _online_and_evaluate(
+                    pool=pool_set, online=online_method(method_name, budget), k=budget,
+                    epochs=epochs, round_epochs=round_epochs, batch_size=batch_size, **common,
+                )  # fmt: skip
             else:
                 _, selection, select_seconds = _select(pool, data_root, method_name, budget, params)
                 result, record = _extract_and_evaluate(
@@ -834,24 +1027,55 @@ def run(
     console.print(f"report -> {path} (and report.md)")
 
 
+def _online_builder(
+    url: str,
+    api_key: str,
+    model: str,
+    *,
+    params: Callable[[str], dict[str, Any]],
+    rounds: int,
+    seed_fraction: float,
+    seed: int,
+) -> Callable[[str, int], Any]:
+    """``build(method, k)``: a fresh ``OnlineMethod``. The target's output policy is read (free)
+    the first time a guided selector needs it."""
+    from functools import cache
+
+    from attacker.selection.online import ADAPTIVE_METHODS, build_online
+
+    probabilities = cache(lambda: _target_probabilities(url, api_key, model))
+
+    def build(method: str, k: int) -> Any:
+        return build_online(
+            method, k=k, selector_params=params(method), rounds=rounds,
+            seed_fraction=seed_fraction, seed=seed,
+            target_probabilities=method not in ADAPTIVE_METHODS and probabilities(),
+        )  # fmt: skip
+
+    return build
+
+
 def _plan_runs(
     methods: list[str],
     budgets: list[int],
     *,
     pool_size: int,
     params: Callable[[str], dict[str, Any]],
+    online: Callable[[str, int], Any] | None = None,
 ) -> list[tuple[str, int, dict[str, Any] | None]]:
     """(method, k, selector params, None for JbDA) for every run, each checked: the method is
-    known, its parameters build a selector, and k fits the method and the pool."""
+    known, its parameters build a selector (or, for an online method, ``online(method, k)``
+    builds it: its rounds fit k, its guide has a source), and k fits the method and the pool."""
     from attacker.selection import SELECTORS, make_selector
+    from attacker.selection.online import ADAPTIVE_METHODS, is_online
 
-    known = sorted([*SELECTORS, "jbda"])
+    known = sorted([*SELECTORS, *ADAPTIVE_METHODS, "jbda"])
     plan: list[tuple[str, int, dict[str, Any] | None]] = []
     for name in methods:
         if name not in known:
             raise ValueError(f"unknown method {name!r}; known: {', '.join(known)}")
         chosen = None if name == "jbda" else params(name)
-        if chosen is not None:
+        if chosen is not None and name not in ADAPTIVE_METHODS:
             make_selector(name, **chosen)  # raises ValueError naming a bad parameter
         for budget in budgets:
             if name == "jbda" and budget < JBDA_SEED_SIZE:
@@ -862,6 +1086,8 @@ def _plan_runs(
                 raise ValueError(
                     f"--k for {name} must be in 1..{pool_size} (the pool size), got {budget}"
                 )
+            if online is not None and is_online(name):
+                online(name, budget)  # raises ValueError naming what cannot fit
             plan.append((name, budget, chosen))
     return plan
 
@@ -890,6 +1116,14 @@ def _print_runs(runs: list[dict[str, Any]]) -> None:
         )
     Console().print(table)
 
+
+def _register_membership() -> None:
+    from attacker.membership.command import membership
+
+    app.command()(membership)
+
+
+_register_membership()
 
 if __name__ == "__main__":
     app()

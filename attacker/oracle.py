@@ -10,7 +10,10 @@ stopped it. Errors form one hierarchy:
     ├── BudgetExhausted    402: the budget cannot pay for the next batch (labels so far kept)
     ├── Blocked            403: a detector blocked this client
     ├── OracleRejected     any other 4xx: the request itself is wrong (key, model, input)
-    └── OracleUnavailable  429/5xx/network errors that outlasted every retry
+    ├── OracleUnavailable  429/5xx/network errors that outlasted every retry
+    ├── ProbabilitiesUnavailable  the model answers labels only: names the policy needed
+    └── BudgetTooSmall     an attack needs more queries than the budget has left (checked
+                           before anything is bought)
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import torch
 from mlcore import client as api
 from mlcore.checkpoints import load_checkpoint
 from mlcore.client import ServiceClient
-from mlcore.training import predict_labels
+from mlcore.divergences import log_probabilities
+from mlcore.training import predict_labels, predict_logits
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,21 @@ class OracleRejected(OracleError):
 
 class OracleUnavailable(OracleError):
     """The service kept failing (429, 5xx or network) after every retry."""
+
+
+PROBABILITIES_POLICY = "probabilities:DECIMALS"
+
+
+class ProbabilitiesUnavailable(OracleError):
+    """The model's output policy gives no probabilities; the message names the policy needed."""
+
+
+class BudgetTooSmall(OracleError):
+    """An attack needs ``needed`` queries and the budget has ``remaining`` left."""
+
+    def __init__(self, message: str, *, needed: int, remaining: int) -> None:
+        super().__init__(message)
+        self.needed, self.remaining = needed, remaining
 
 
 @dataclass
@@ -100,11 +119,19 @@ class LabelOracle(Protocol):
         ...
 
 
-class LocalOracle:
-    """Answers from a model in this process; every image is paid for, as a service would charge."""
+class ProbabilityOracle(LabelOracle, Protocol):
+    def predict_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (n, C, H, W) -> float64 class probabilities (n, classes)."""
+        ...
 
-    def __init__(self, model: torch.nn.Module) -> None:
+
+class LocalOracle:
+    """Answers from a model in this process; every image is paid for, as a service would charge.
+    ``decimals`` rounds its probabilities as a ``probabilities:DECIMALS`` policy would."""
+
+    def __init__(self, model: torch.nn.Module, *, decimals: int | None = None) -> None:
         self.model = model.eval()
+        self.decimals = decimals
         self.meter = Meter()
         self.queries_remaining: int | None = None
 
@@ -115,6 +142,12 @@ class LocalOracle:
     def predict_labels(self, images: np.ndarray) -> np.ndarray:
         self.meter.paid += len(images)
         return predict_labels(self.model, torch.from_numpy(np.ascontiguousarray(images))).numpy()
+
+    def predict_probabilities(self, images: np.ndarray) -> np.ndarray:
+        self.meter.paid += len(images)
+        logits = predict_logits(self.model, torch.from_numpy(np.ascontiguousarray(images)))
+        probabilities = log_probabilities(logits).exp().numpy()
+        return probabilities if self.decimals is None else probabilities.round(self.decimals)
 
 
 def cache_namespace(url: str, model: str, api_key: str | None) -> str:
@@ -209,6 +242,7 @@ class HttpOracle:
         self.meter = Meter()
         self.queries_remaining: int | None = None
         self._last_used: int | None = None  # the server's queries_used in its latest charge
+        self._policy: str | None = None  # the model's output policy, read once from /v1/models
 
     def close(self) -> None:
         self._service.close()
@@ -238,7 +272,7 @@ class HttpOracle:
         for start in range(0, len(missing), self.batch_size):
             batch = missing[start : start + self.batch_size]
             try:
-                answer = self._buy(images[batch])
+                answer = self._labels(self._buy(images[batch]))
             except (BudgetExhausted, Blocked) as exc:
                 exc.labels = labels  # what was bought (or cached) so far; -1 where nothing was
                 raise
@@ -251,7 +285,52 @@ class HttpOracle:
                 self._on_batch(len(batch))
         return labels
 
-    def _buy(self, batch: np.ndarray) -> np.ndarray:
+    def output_policy(self) -> str:
+        """The model's output policy, as ``GET /v1/models`` tells this key (read once)."""
+        if self._policy is None:
+            try:
+                cards = {card["name"]: card for card in self._service.models()}
+            except api.ServiceError as exc:
+                raise OracleUnavailable(f"cannot list the models: {exc}") from None
+            if self.model not in cards:
+                raise OracleRejected(
+                    f"no model named {self.model!r} for this key; the service lists "
+                    f"{sorted(cards)}"
+                )
+            self._policy = str(cards[self.model]["output_policy"])
+        return self._policy
+
+    def predict_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities (n, classes), float64, as rounded by the model's policy; metered
+        like labels (the same content-derived request ids, so a re-run is replayed uncharged).
+        Raises ProbabilitiesUnavailable before buying anything when the model's policy gives
+        none; the answer cache holds labels only, so probabilities are always asked for."""
+        policy = self.output_policy()
+        if not policy.startswith("probabilities"):
+            raise ProbabilitiesUnavailable(
+                f"model {self.model} answers with the {policy!r} output policy: probabilities "
+                f"need the {PROBABILITIES_POLICY!r} policy (nothing was bought)"
+            )
+        images = np.ascontiguousarray(images)
+        rows: list[np.ndarray] = []
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start : start + self.batch_size]
+            try:
+                payload = self._buy(batch)
+            except (BudgetExhausted, Blocked) as exc:
+                exc.labels = np.full(len(images), -1, dtype=np.int64)
+                raise
+            if "probabilities" not in payload:
+                raise ProbabilitiesUnavailable(
+                    f"model {self.model} answered without probabilities (its policy changed?); "
+                    f"they need the {PROBABILITIES_POLICY!r} policy"
+                )
+            rows.append(np.asarray(payload["probabilities"], dtype=np.float64))
+            if self._on_batch is not None:
+                self._on_batch(len(batch))
+        return np.concatenate(rows) if rows else np.empty((0, 0), dtype=np.float64)
+
+    def _buy(self, batch: np.ndarray) -> dict:
         request_id = hashlib.sha256(
             f"{self._nonce}{self.model}|{batch.shape}".encode() + batch.tobytes()
         ).hexdigest()[:40]
@@ -265,10 +344,15 @@ class HttpOracle:
             raise OracleRejected(str(exc)) from None
         except api.Unavailable as exc:
             raise OracleUnavailable(str(exc)) from None
-        return self._settle(reply.body, len(batch), retried=reply.attempts > 1)
+        self._settle(reply.body, len(batch), retried=reply.attempts > 1)
+        return reply.body
 
-    def _settle(self, payload: dict, images: int, *, retried: bool) -> np.ndarray:
-        """Labels of a 200 answer; the meter takes the server's own figures.
+    @staticmethod
+    def _labels(payload: dict) -> np.ndarray:
+        return np.asarray(payload["labels"], dtype=np.int64)
+
+    def _settle(self, payload: dict, images: int, *, retried: bool) -> None:
+        """Meter a 200 answer with the server's own figures (OracleRejected if it lacks them).
 
         ``charged`` is what this request cost. A replay (``charged`` 0) that answers a retry is
         the one case where the charge belongs to an answer we lost: the server charged our
@@ -277,7 +361,7 @@ class HttpOracle:
         otherwise an earlier run paid it and it is a replay.
         """
         try:
-            charged, used, labels = (
+            charged, used, _labels = (
                 int(payload["charged"]),
                 int(payload["queries_used"]),
                 payload["labels"],
@@ -297,7 +381,6 @@ class HttpOracle:
         if charged:
             self._last_used = max(used, self._last_used or 0)
             self.queries_remaining = payload.get("queries_remaining")
-        return np.asarray(labels, dtype=np.int64)
 
 
 @dataclass

@@ -62,11 +62,30 @@ def write_report(report_dir: str | Path, runs: list[dict[str, Any]], meta: dict[
         "|" + "---|" * len(columns),
     ]
     lines += ["| " + " | ".join(_fmt(run.get(col)) for col in columns) + " |" for run in runs]
+    lines += _online_notes(runs)
     if len({run["k"] for run in runs}) > 1:
         _plot(folder / "accuracy_vs_queries.png", runs)
         lines += ["", "![substitute accuracy against queries](accuracy_vs_queries.png)"]
     (folder / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder / "report.json"
+
+
+def _online_notes(runs: list[dict[str, Any]]) -> list[str]:
+    """How each online run bought its labels: its rounds, and where a guide came from."""
+    sources = {
+        "target": "the target's probabilities of the whole pool (one paid query per pool image)",
+        "seed-model": "the attacker's own model, trained on a random seed round it bought",
+    }
+    notes = []
+    for run in runs:
+        if run.get("rounds"):
+            sizes = ", ".join(str(record["bought"]) for record in run["rounds"])
+            notes.append(f"- {run['method']} at k={run['k']}: labels bought per round {sizes}")
+        if run.get("guide_source") in sources:
+            notes.append(
+                f"- {run['method']} at k={run['k']}: guide from {sources[run['guide_source']]}"
+            )
+    return ["", *notes] if notes else []
 
 
 def _plot(path: Path, runs: list[dict[str, Any]]) -> None:

@@ -1,4 +1,5 @@
-"""The one HTTP client of the target service's API: predict, models, datasets, training jobs.
+"""The one HTTP client of the target service's API: predict, models, datasets, training jobs,
+membership challenges.
 
 Both command lines use it (the attacker's ``HttpOracle`` buys labels through ``predict``; the
 defender uploads and trains), so retries and error handling exist once, here:
@@ -199,6 +200,22 @@ class ServiceClient:
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         return self.request("DELETE", f"/v1/training-jobs/{job_id}", repeatable=True).body
+
+    # -- membership challenges ---------------------------------------------------------------
+    def membership_challenge(self, challenge_id: str) -> dict[str, Any]:
+        """A challenge opened for this key: candidates (images, labels) and the budget left."""
+        return self.request(
+            "GET", f"/v1/membership-challenges/{challenge_id}", repeatable=True
+        ).body
+
+    def submit_membership_scores(self, challenge_id: str, scores: list[float]) -> dict[str, Any]:
+        """Submit one score per candidate, once (retried only on 429: a repeat would be 409)."""
+        return self.request(
+            "POST",
+            f"/v1/membership-challenges/{challenge_id}/scores",
+            json={"scores": scores},
+            repeatable=False,
+        ).body
 
     def wait_for_job(
         self,

@@ -221,3 +221,61 @@ def _decode_lists(payload: EncodedTensor, dtype: np.dtype) -> np.ndarray:
         ):
             raise WireError("uint8 inputs must be whole numbers in 0..255")
     return values.astype(dtype)
+
+
+# -- membership challenges (the ground truth never appears in any of these) ---------------------
+class MembershipChallengeCreate(_Strict):
+    """The admin opens a challenge on ``model`` for ``client_id``: ``n`` candidates (even), half
+    members, half non-members, drawn with ``seed``."""
+
+    model: StrictStr = Field(min_length=1, max_length=300)
+    client_id: StrictStr = Field(min_length=1, max_length=100)
+    n: StrictInt = Field(ge=2, le=100_000)
+    seed: StrictInt = Field(default=0, ge=0, le=2**32 - 1)
+
+
+class MembershipResult(_Strict):
+    """The score of a submission (``mlcore.membership_metrics``). ``roc``: TPR at a fixed grid
+    of FPRs, aggregate only, for drawing the curve."""
+
+    auc: float
+    balanced_accuracy: float
+    tpr_at_1pct_fpr: float
+    tpr_at_01pct_fpr: float
+    roc: dict[str, list[float]]
+
+
+class MembershipChallenge(_Strict):
+    """What the challenged client reads: the candidates (images in a random order, with their
+    true class labels, which say nothing about membership) and its remaining query budget."""
+
+    challenge_id: str
+    model: str
+    n: int
+    images: EncodedTensor
+    labels: list[int]
+    queries_remaining: int
+    submitted: bool
+
+
+class MembershipScores(BaseModel):
+    """One score per candidate, in the order given; higher means "member". Not strict, so JSON
+    integers are accepted as numbers; NaN and infinity are refused by the service."""
+
+    model_config = ConfigDict(extra="forbid")
+    scores: list[float] = Field(max_length=100_000)
+
+
+class MembershipChallengeView(_Strict):
+    """The admin's view: the challenge, where its candidates came from, and the result."""
+
+    challenge_id: str
+    model: str
+    client_id: str
+    n: int
+    seed: int
+    members_from: str
+    non_members_from: str
+    created_at: float
+    submitted_at: float | None
+    result: MembershipResult | None

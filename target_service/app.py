@@ -31,7 +31,7 @@ from target_service.errors import (
     documented,
 )
 from target_service.metrics import ServiceMetrics
-from target_service.routes import admin, datasets, public, training
+from target_service.routes import admin, datasets, membership, public, training
 from target_service.service import TargetService
 from target_service.settings import Settings
 from target_service.state import StateStore
@@ -91,6 +91,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(datasets.router)
     app.include_router(training.router)
+    app.include_router(membership.router)
+    app.include_router(membership.admin_router)
     # the last added runs first: the key is checked, then the body is read
     app.add_middleware(
         RequestBodyGuard,
@@ -105,6 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             *admin.router.routes,
             *datasets.router.routes,
             *training.router.routes,
+            *membership.router.routes,
+            *membership.admin_router.routes,
         ],
     )
     _install_error_handlers(app)

@@ -8,7 +8,8 @@ ServiceError (code, status)
 │   └── QuotaExceeded 402  a training job does not fit the remaining training quota
 ├── NotFound          404  unknown model or client
 ├── BodyTimeout       408  the body did not arrive in time
-├── Conflict          409  a request_id reused for different inputs, a model name taken
+├── Conflict          409  a request_id reused for different inputs, a model name taken,
+│                          a second submission to a membership challenge
 ├── LengthRequired    411  a body without Content-Length or chunked encoding
 ├── PayloadTooLarge   413  batch or body over the limit
 ├── InvalidInput      422  shape, dtype, values, JSON
@@ -30,13 +31,13 @@ STATUS_CODES: dict[int, str] = {
     401: "missing_api_key, unknown_api_key, revoked_api_key",
     402: "budget_exhausted",
     403: "not_admin, admin_disabled, blocked",
-    404: "not_found, unknown_model, unknown_client",
+    404: "not_found, unknown_model, unknown_client, unknown_challenge",
     405: "method_not_allowed (the Allow header lists the methods)",
     408: "body_timeout: the body did not arrive within TARGET_BODY_TIMEOUT seconds",
-    409: "request_id_reused",
+    409: "request_id_reused, already_submitted",
     411: "length_required: a body needs Content-Length or chunked Transfer-Encoding",
     413: "body_too_large, batch_too_large",
-    422: "invalid_input, malformed_json, invalid_shape, empty_batch",
+    422: "invalid_input, malformed_json, invalid_shape, empty_batch, invalid_scores, no_members",
     429: "rate_limited",
     500: "internal_error",
 }

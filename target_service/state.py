@@ -154,6 +154,19 @@ CREATE TABLE IF NOT EXISTS training_epochs (
     created_at      REAL NOT NULL,
     PRIMARY KEY (job_id, epoch)
 );
+CREATE TABLE IF NOT EXISTS membership_challenges (
+    challenge_id     TEXT PRIMARY KEY,
+    client_id        TEXT NOT NULL REFERENCES clients(client_id),
+    model            TEXT NOT NULL,
+    n                INTEGER NOT NULL,
+    seed             INTEGER NOT NULL,
+    members_from     TEXT NOT NULL,
+    non_members_from TEXT NOT NULL,
+    candidates       TEXT NOT NULL,  -- JSON [[is_member, index], ...]: the ground truth, never sent
+    created_at       REAL NOT NULL,
+    submitted_at     REAL,
+    result           TEXT
+);
 """
 
 
@@ -740,6 +753,70 @@ class StateStore:
                 "SELECT COUNT(*) AS n FROM training_jobs WHERE status IN ('queued', 'running')"
             ).fetchone()
         return int(row["n"])
+
+    # -- membership challenges ---------------------------------------------------------------
+    def add_membership_challenge(self, row: dict[str, Any]) -> None:
+        """Store a new challenge; ``row["candidates"]`` (the ground truth) is kept as JSON."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO membership_challenges (challenge_id, client_id, model, n, seed,"
+                " members_from, non_members_from, candidates, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    row["challenge_id"], row["client_id"], row["model"], row["n"], row["seed"],
+                    row["members_from"], row["non_members_from"],
+                    json.dumps(row["candidates"]), row["created_at"],
+                ),
+            )  # fmt: skip
+
+    def get_membership_challenge(
+        self, challenge_id: str, client_id: str | None = None
+    ) -> dict[str, Any]:
+        """One challenge; with ``client_id``, only if it was opened for that client (another
+        client's challenge is "not found", exactly like one that does not exist)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM membership_challenges WHERE challenge_id = ?", (challenge_id,)
+            ).fetchone()
+        if row is None or (client_id is not None and row["client_id"] != client_id):
+            raise NotFound(
+                f"no membership challenge with id {echo(challenge_id)}", code="unknown_challenge"
+            )
+        return _membership_challenge(row)
+
+    def list_membership_challenges(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM membership_challenges ORDER BY created_at"
+            ).fetchall()
+        return [_membership_challenge(row) for row in rows]
+
+    def record_membership_result(self, challenge_id: str, result: dict[str, Any]) -> None:
+        """Keep a challenge's one result; a second submission (even a concurrent one) is 409."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE membership_challenges SET result = ?, submitted_at = ?"
+                " WHERE challenge_id = ? AND result IS NULL",
+                (json.dumps(result), time.time(), challenge_id),
+            )
+        if cursor.rowcount == 0:
+            raise already_submitted(challenge_id)
+
+
+def already_submitted(challenge_id: str) -> Conflict:
+    """The refusal of a second submission to a membership challenge."""
+    return Conflict(
+        f"membership challenge {echo(challenge_id)} was already scored: one submission per"
+        " challenge",
+        code="already_submitted",
+    )
+
+
+def _membership_challenge(row: sqlite3.Row) -> dict[str, Any]:
+    challenge = dict(row)
+    challenge["candidates"] = json.loads(row["candidates"])
+    challenge["result"] = json.loads(row["result"]) if row["result"] else None
+    return challenge
 
 
 def _dataset(row: sqlite3.Row) -> dict[str, Any]:

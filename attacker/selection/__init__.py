@@ -23,6 +23,7 @@ from attacker.selection.class_probability import HcpSelector, LcpSelector
 from attacker.selection.cmal import CmalSelector
 from attacker.selection.drmi import DrmiSelector, SubsetResult, drmi_subset, subset_weight
 from attacker.selection.kmeans import KMeansSelector, PcaKMeansSelector
+from attacker.selection.knockoff import KnockoffRandomSelector
 from attacker.selection.random import RandomSelector
 from attacker.selection.trace import TraceMaxSelector, TraceMinSelector
 
@@ -61,6 +62,8 @@ SELECTORS: dict[str, type[Selector]] = {
     "pca-kmeans": PcaKMeansSelector,
     "trace-min": TraceMinSelector,
     "trace-max": TraceMaxSelector,
+    # Knockoff Nets' random strategy (its adaptive one buys in rounds: selection/online.py)
+    "knockoff-random": KnockoffRandomSelector,
 }
 
 
