@@ -66,6 +66,13 @@ SharedCache = Annotated[
     ),
 ]
 Norm = Annotated[str, typer.Option(help="PGD norm: linf | l2.")]
+SemiSupervised = Annotated[
+    bool,
+    typer.Option(
+        help="Train the substitute on the bought labels plus the unlabeled rest of the pool "
+        "(FixMatch; --batch-size is then unused). Costs no extra queries."
+    ),
+]
 Steps = Annotated[int, typer.Option(min=1, help="PGD iterations.")]
 
 
@@ -234,6 +241,7 @@ def _extract_and_evaluate(
     cache: Path,
     shared_cache: Path | None,
     target_labels: np.ndarray | None,
+    semi_supervised: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     from attacker.extraction import evaluate_substitute, extract
 
@@ -258,6 +266,7 @@ def _extract_and_evaluate(
             epochs=epochs,
             batch_size=batch_size,
             seed=seed,
+            semi_supervised=semi_supervised,
             progress=on_epoch,
         )
     run = {
@@ -270,6 +279,7 @@ def _extract_and_evaluate(
         **evaluate_substitute(result.substitute, test, target_labels=target_labels),
         "train_seconds": round(result.train_seconds, 2),
         "seed": seed,
+        "semi_supervised": semi_supervised,
     }
     return result, run
 
@@ -385,6 +395,7 @@ def extract(
     eval_api_key: EvalKey = None,
     cache: CachePath = DEFAULT_CACHE,
     shared_cache: SharedCache = None,
+    semi_supervised: SemiSupervised = False,
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("substitute.pt"),
 ) -> None:
     """Buy the selected labels and train a substitute; save it as a checkpoint. A 402 or 403
@@ -402,7 +413,7 @@ def extract(
         result, run = _extract_and_evaluate(
             url=url, api_key=api_key, model=model, pool=pool, selection=selection, test=test_set, arch=arch,
             epochs=epochs, batch_size=batch_size, seed=seed, cache=cache, shared_cache=shared_cache,
-            target_labels=labels,
+            target_labels=labels, semi_supervised=semi_supervised,
         )  # fmt: skip
         run["shared_cache"] = None if shared_cache is None else str(shared_cache)
     except (OracleError, ValueError, FileNotFoundError) as exc:
@@ -647,6 +658,7 @@ def run(
     eval_api_key: EvalKey = None,
     cache: CachePath = DEFAULT_CACHE,
     shared_cache: SharedCache = None,
+    semi_supervised: SemiSupervised = False,
     report_dir: Annotated[Path, typer.Option(help="Where report.json / report.md go.")] = Path(
         "reports"
     ),
@@ -703,6 +715,9 @@ def run(
                 name, alpha=alpha, init=init, bins=bins, starts=starts, seed=seed
             ),
         )  # fmt: skip
+        if semi_supervised and "jbda" in methods:
+            raise ValueError("--semi-supervised needs a pool selector; jbda trains on synthetic "
+                             "queries, not on the pool")  # fmt: skip
         _check_writable("--report-dir", report_dir, folder=True)
         _check_writable("--cache", cache)
         if shared_cache is not None:
@@ -722,7 +737,7 @@ def run(
                 _, selection, select_seconds = _select(pool, data_root, method_name, budget, params)
                 result, record = _extract_and_evaluate(
                     pool=pool_set, selection=selection, epochs=epochs, batch_size=batch_size,
-                    **common,
+                    semi_supervised=semi_supervised, **common,
                 )  # fmt: skip
                 record["select_seconds"] = round(select_seconds, 2)
             runs.append(record)
@@ -750,6 +765,7 @@ def run(
         "arch": arch,
         "epochs": epochs,
         "batch_size": batch_size,
+        "semi_supervised": semi_supervised,
         "shared_cache": None if shared_cache is None else str(shared_cache),
     }
     path = write_report(report_dir, runs, meta)

@@ -90,21 +90,30 @@ def extract(
     epochs: int = 30,
     batch_size: int = 4,
     seed: int = 0,
+    semi_supervised: bool = False,
     progress: Progress | None = None,
 ) -> ExtractionResult:
-    """Buy labels for ``pool[indices]`` from ``oracle`` and train a substitute on them."""
+    """Buy labels for ``pool[indices]`` from ``oracle`` and train a substitute on them (and, when
+    ``semi_supervised``, on the unlabeled rest of the pool: ``attacker.semi_supervised``)."""
     indices = np.asarray(indices, dtype=np.int64)
     used, labels, stopped_by = buy_labels(oracle, pool, indices)
-    model, arch_kwargs, seconds = train_substitute(
-        pool,
-        used,
-        labels,
-        arch=arch,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
-    )
+    if semi_supervised:
+        from attacker.semi_supervised import train_semi_supervised
+
+        model, arch_kwargs, seconds = train_semi_supervised(
+            pool, used, labels, arch=arch, epochs=epochs, seed=seed, progress=progress
+        )
+    else:
+        model, arch_kwargs, seconds = train_substitute(
+            pool,
+            used,
+            labels,
+            arch=arch,
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+        )
     return ExtractionResult(model, arch, arch_kwargs, used, labels, len(used), seconds, stopped_by)
 
 
