@@ -28,9 +28,7 @@ __all__ = ["art_substitute", "art_victim", "one_hot_labels"]
 ART_MISSING = "ART is not installed: pip install 'mlaas-range[art]'"
 
 
-def one_hot_labels(
-    oracle: LabelOracle, images: np.ndarray, *, nb_classes: int
-) -> np.ndarray:
+def one_hot_labels(oracle: LabelOracle, images: np.ndarray, *, nb_classes: int) -> np.ndarray:
     """ART's float images in [0, 1] -> the oracle's labels as one-hot float32 rows.
 
     The images go to the oracle as uint8 (x * 255, rounded), what the service accepts: images

@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["STEPS_PER_EPOCH", "train_semi_supervised"]
 
-STEPS_PER_EPOCH = 32  # an "epoch" is a fixed number of steps, so its cost does not grow with the pool
+STEPS_PER_EPOCH = (
+    32  # an "epoch" is a fixed number of steps, so its cost does not grow with the pool
+)
 
 
 def train_semi_supervised(
