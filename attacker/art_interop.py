@@ -7,6 +7,10 @@ built here: ART's own label-only postprocessor (``ClassLabels``, 1.20.1) is not 
 batch it marks every class predicted for any image in every row (``class_labels[:, argmax] = 1``). ``art_substitute(...)`` wraps a fresh model of ours
 as the ART ``PyTorchClassifier`` that ART's extraction attacks train ("thieved classifier").
 
+ART's attacks have no notion of a partial purchase: a 402 or 403 part-way raises the oracle's
+``BudgetExhausted`` / ``Blocked`` out of the attack (with an answer cache, a re-run with more
+budget does not pay again for what was bought).
+
 Needs the optional extra: ``pip install 'mlaas-range[art]'``.
 """
 

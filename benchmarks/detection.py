@@ -108,11 +108,12 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "detection.json")
     parser.add_argument(
         "--quick", action="store_true",
-        help="a smoke run: 20 + 10 benign clients of 300 queries, attackers of 300, 5 epochs",
+        help="a smoke run: 20 + 10 benign clients of 300 queries (so false-alarm targets of 5% "
+        "and 10%), attackers of 300 queries, 5 epochs",
     )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
-        args.clients, args.benign_clients, args.horizon = 20, 10, 300
+        args.clients, args.benign_clients, args.horizon, args.shares = 20, 10, 300, [0.05, 0.1]
         args.k, args.jbda_k, args.epochs = 300, 300, 5
         if args.output == parser.get_default("output"):
             args.output = ROOT / "results" / "detection_quick.json"
