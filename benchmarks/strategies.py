@@ -133,9 +133,12 @@ def _art_installed() -> bool:
 
 
 def selector_params(strategy: Strategy, seed: int) -> dict[str, Any]:
-    """Its fixed parameters, plus ``seed`` when the selector takes one."""
+    """Its fixed parameters, plus ``seed`` when it is a selector that takes one (adaptive
+    strategies get their seed from ``build_online``)."""
     from attacker.selection import SELECTORS
 
+    if strategy.method not in SELECTORS:
+        return dict(strategy.params)
     accepted = inspect.signature(SELECTORS[strategy.method]).parameters
     return {**strategy.params, **({"seed": seed} if "seed" in accepted else {})}
 
