@@ -82,7 +82,8 @@ def attacker_streams(
         if not strategy.min_k <= budget <= len(pool) and strategy.kind != "jbda":
             print(f"skipping {strategy.name}: cannot buy {budget} of {len(pool)}", flush=True)
             continue
-        bought = strategy.buy(LocalOracle(target), pool, k=budget, seed=seed)
+        # only the stream matters here: ART's own substitute trains one epoch
+        bought = strategy.buy(LocalOracle(target), pool, k=budget, seed=seed, epochs=1)
         streams[strategy.name] = bought.images.astype(np.float32) / 255.0
         if strategy.method == "drmi":
             order = np.random.default_rng(seed).permutation(len(bought.images))
