@@ -81,6 +81,13 @@ RoundEpochs = Annotated[
     int, typer.Option(min=1, help="Adaptive methods: epochs of the substitute between rounds.")
 ]
 Norm = Annotated[str, typer.Option(help="PGD norm: linf | l2.")]
+SemiSupervised = Annotated[
+    bool,
+    typer.Option(
+        help="Train the substitute on the bought labels plus the unlabeled rest of the pool "
+        "(FixMatch; --batch-size is then unused). Costs no extra queries."
+    ),
+]
 Steps = Annotated[int, typer.Option(min=1, help="PGD iterations.")]
 
 
@@ -312,6 +319,7 @@ def _extract_and_evaluate(
     cache: Path,
     shared_cache: Path | None,
     target_labels: np.ndarray | None,
+    semi_supervised: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     from attacker.extraction import evaluate_substitute, extract
 
@@ -336,6 +344,7 @@ def _extract_and_evaluate(
             epochs=epochs,
             batch_size=batch_size,
             seed=seed,
+            semi_supervised=semi_supervised,
             progress=on_epoch,
         )
     run = {
@@ -348,6 +357,7 @@ def _extract_and_evaluate(
         **evaluate_substitute(result.substitute, test, target_labels=target_labels),
         "train_seconds": round(result.train_seconds, 2),
         "seed": seed,
+        "semi_supervised": semi_supervised,
     }
     return result, run
 
@@ -448,11 +458,12 @@ def _online_and_evaluate(
     cache: Path,
     shared_cache: Path | None,
     target_labels: np.ndarray | None,
+    semi_supervised: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """An online method (``attacker.selection.online``): buys in rounds, or (a guided selector
     against a target that returns probabilities) guides the selection with the target's
     answers on the whole pool; the progress bar shows the rounds."""
-    from attacker.extraction import ExtractionResult, train_substitute
+    from attacker.extraction import ExtractionResult, train_on_bought
     from attacker.selection.online import select_with_target_guide
     from attacker.selection.rounds import run_rounds
 
@@ -475,9 +486,9 @@ def _online_and_evaluate(
             indices, labels = select_with_target_guide(
                 oracle, pool.images.numpy(), pool.labels.numpy(), online.selector, k=k
             )
-            substitute, arch_kwargs, seconds = train_substitute(
-                pool, indices, labels, arch=arch, epochs=epochs, batch_size=batch_size,
-                seed=seed, progress=on_epoch,
+            substitute, arch_kwargs, seconds = train_on_bought(
+                pool, indices, labels, semi_supervised=semi_supervised, arch=arch,
+                epochs=epochs, batch_size=batch_size, seed=seed, progress=on_epoch,
             )  # fmt: skip
             result = ExtractionResult(
                 substitute, arch, arch_kwargs, indices, labels, len(indices), seconds
@@ -493,15 +504,16 @@ def _online_and_evaluate(
 
             result = run_rounds(
                 online.strategy, oracle, pool, k=k, arch=arch, epochs=epochs,
-                round_epochs=round_epochs, batch_size=batch_size, seed=seed, on_round=on_round,
-                progress=on_epoch,
+                round_epochs=round_epochs, batch_size=batch_size, seed=seed,
+                semi_supervised=semi_supervised, on_round=on_round, progress=on_epoch,
             )  # fmt: skip
             rounds, learnt = result.rounds, result.strategy
     run = _run_record(
         online.method, online.params, k, result, oracle, test=test, target_labels=target_labels,
         seed=seed,
     )  # fmt: skip
-    return result, {**run, "guide_source": online.guide_source, "rounds": rounds, **learnt}
+    record = {**run, "guide_source": online.guide_source, "rounds": rounds, **learnt}
+    return result, {**record, "semi_supervised": semi_supervised}
 
 
 @app.command("simulate-benign")
@@ -591,6 +603,7 @@ def extract(
     eval_api_key: EvalKey = None,
     cache: CachePath = DEFAULT_CACHE,
     shared_cache: SharedCache = None,
+    semi_supervised: SemiSupervised = False,
     output: Annotated[Path, typer.Option("--output", "-o")] = Path("substitute.pt"),
 ) -> None:
     """Buy the selected labels (or run an online --method) and train a substitute; save it as
@@ -627,7 +640,7 @@ def extract(
         common: dict[str, Any] = dict(
             url=url, api_key=api_key, model=model, pool=pool, test=test_set, arch=arch,
             epochs=epochs, batch_size=batch_size, seed=seed, cache=cache, shared_cache=shared_cache,
-            target_labels=labels,
+            target_labels=labels, semi_supervised=semi_supervised,
         )  # fmt: skip
         if method is not None:
             result, run = _online_and_evaluate(
@@ -885,6 +898,7 @@ def run(
     eval_api_key: EvalKey = None,
     cache: CachePath = DEFAULT_CACHE,
     shared_cache: SharedCache = None,
+    semi_supervised: SemiSupervised = False,
     report_dir: Annotated[Path, typer.Option(help="Where report.json / report.md go.")] = Path(
         "reports"
     ),
@@ -954,6 +968,9 @@ def run(
         plan = _plan_runs(
             methods, budgets, pool_size=len(pool_set), params=selector_params, online=online_method
         )
+        if semi_supervised and "jbda" in methods:
+            raise ValueError("--semi-supervised needs a pool selector; jbda trains on synthetic "
+                             "queries, not on the pool")  # fmt: skip
         _check_writable("--report-dir", report_dir, folder=True)
         _check_writable("--cache", cache)
         if shared_cache is not None:
@@ -972,13 +989,14 @@ def run(
             elif is_online(method_name):  # buys while it chooses
                 result, record = _online_and_evaluate(
                     pool=pool_set, online=online_method(method_name, budget), k=budget,
-                    epochs=epochs, round_epochs=round_epochs, batch_size=batch_size, **common,
+                    epochs=epochs, round_epochs=round_epochs, batch_size=batch_size,
+                    semi_supervised=semi_supervised, **common,
                 )  # fmt: skip
             else:
                 _, selection, select_seconds = _select(pool, data_root, method_name, budget, params)
                 result, record = _extract_and_evaluate(
                     pool=pool_set, selection=selection, epochs=epochs, batch_size=batch_size,
-                    **common,
+                    semi_supervised=semi_supervised, **common,
                 )  # fmt: skip
                 record["select_seconds"] = round(select_seconds, 2)
             runs.append(record)
@@ -1006,6 +1024,7 @@ def run(
         "arch": arch,
         "epochs": epochs,
         "batch_size": batch_size,
+        "semi_supervised": semi_supervised,
         "shared_cache": None if shared_cache is None else str(shared_cache),
     }
     path = write_report(report_dir, runs, meta)

@@ -81,6 +81,33 @@ def train_substitute(
     return model, arch_kwargs, time.perf_counter() - started
 
 
+def train_on_bought(
+    pool: ImageDataset,
+    indices: np.ndarray,
+    labels: np.ndarray,
+    *,
+    semi_supervised: bool = False,
+    arch: str = "lenet5",
+    epochs: int = 30,
+    batch_size: int = 4,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> tuple[nn.Module, dict[str, int], float]:
+    """The substitute of any strategy that bought pool images: on the bought labels alone, or
+    (``semi_supervised``) on them plus the unlabeled rest of the pool (FixMatch, which draws its
+    own batches: ``batch_size`` is unused then)."""
+    if semi_supervised:
+        from attacker.semi_supervised import train_semi_supervised
+
+        return train_semi_supervised(
+            pool, indices, labels, arch=arch, epochs=epochs, seed=seed, progress=progress
+        )
+    return train_substitute(
+        pool, indices, labels, arch=arch, epochs=epochs, batch_size=batch_size, seed=seed,
+        progress=progress,
+    )  # fmt: skip
+
+
 def extract(
     oracle: LabelOracle,
     pool: ImageDataset,
@@ -90,21 +117,17 @@ def extract(
     epochs: int = 30,
     batch_size: int = 4,
     seed: int = 0,
+    semi_supervised: bool = False,
     progress: Progress | None = None,
 ) -> ExtractionResult:
-    """Buy labels for ``pool[indices]`` from ``oracle`` and train a substitute on them."""
+    """Buy labels for ``pool[indices]`` from ``oracle`` and train a substitute on them (and, when
+    ``semi_supervised``, on the unlabeled rest of the pool: ``attacker.semi_supervised``)."""
     indices = np.asarray(indices, dtype=np.int64)
     used, labels, stopped_by = buy_labels(oracle, pool, indices)
-    model, arch_kwargs, seconds = train_substitute(
-        pool,
-        used,
-        labels,
-        arch=arch,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
-    )
+    model, arch_kwargs, seconds = train_on_bought(
+        pool, used, labels, semi_supervised=semi_supervised, arch=arch, epochs=epochs,
+        batch_size=batch_size, seed=seed, progress=progress,
+    )  # fmt: skip
     return ExtractionResult(model, arch, arch_kwargs, used, labels, len(used), seconds, stopped_by)
 
 

@@ -1,7 +1,7 @@
 """When do the detectors fire, at the same cost to honest customers? PRADA and the MI-redundancy
 detector, each calibrated (``defenses.calibration``) to flag at most 1% and 5% of benign clients
-within 1,000 queries, against a random-pool attacker, a DRMI attacker and a JbDA attacker, on the
-embedded default.
+within 1,000 queries, against every extraction strategy the range has (``benchmarks/strategies.py``
+finds them in the registries; DRMI also with its queries shuffled), on the embedded default.
 
 Calibration: benign clients drawing from the target's training split, with and without
 near-duplicates (``target-service calibrate``'s mechanism; the stricter threshold of the two).
@@ -13,6 +13,7 @@ what the attacker had bought by then.
 
     python benchmarks/detection.py
     python benchmarks/detection.py --clients 200 --benign-clients 100 --shares 0.01 0.05
+    python benchmarks/detection.py --quick          # a smoke run: fewer clients and queries
 
 Writes results/detection.json and results/detection.md.
 """
@@ -33,9 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from attacker.extraction import train_substitute  # noqa: E402
-from attacker.jbda import jbda_extract  # noqa: E402
 from attacker.oracle import LocalOracle  # noqa: E402
-from attacker.selection import make_selector  # noqa: E402
+from benchmarks.strategies import discover  # noqa: E402
 from defenses.base import make_detector  # noqa: E402
 from defenses.calibration import calibrate  # noqa: E402
 from mlcore.checkpoints import load_checkpoint  # noqa: E402
@@ -53,20 +53,6 @@ ANCHORS = (
     "(Juuti et al. 2019); the DRMI paper says PRADA needed about 32,000 queries to detect DRMI "
     "and that an MI detector needs more than 100 malicious queries (Section 7)."
 )
-
-
-class RecordingOracle(LocalOracle):
-    """A LocalOracle that keeps every query it answered, in order: the attacker's stream."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__(model)
-        self.images: list[np.ndarray] = []
-
-    def predict_labels(self, images: np.ndarray) -> np.ndarray:
-        self.images.append(
-            np.asarray(images, dtype=np.float32) / (255.0 if images.dtype == np.uint8 else 1.0)
-        )
-        return super().predict_labels(images)
 
 
 def first_alarm(
@@ -88,23 +74,22 @@ def first_alarm(
 def attacker_streams(
     target: torch.nn.Module, pool: ImageDataset, *, k: int, jbda_k: int, seed: int
 ) -> dict[str, np.ndarray]:
-    """Float32 streams in [0, 1], in the order each attacker sends them."""
-    images = pool.images.numpy()
-    order = np.random.default_rng(seed).permutation(len(pool))[:k]
-    drmi = make_selector("drmi", alpha=2.0, init="min-sum")(
-        images, pool.labels.numpy(), k=k
-    ).indices
-    recorder = RecordingOracle(target)
-    jbda_extract(recorder, pool, k=jbda_k, seed_size=100, seed=seed)
-    return {
-        "random pool attacker": images[order].astype(np.float32) / 255.0,
-        "DRMI attacker (class order)": images[drmi].astype(np.float32) / 255.0,
-        "DRMI attacker (shuffled)": images[np.random.default_rng(seed).permutation(drmi)].astype(
-            np.float32
-        )
-        / 255.0,
-        "JbDA attacker": np.concatenate(recorder.images),
-    }
+    """Every strategy's queries as float32 in [0, 1], in the order it sends them (JbDA spends
+    ``jbda_k``, the others ``k``); DRMI also shuffled, since its order is by class."""
+    streams: dict[str, np.ndarray] = {}
+    for strategy in discover():
+        budget = jbda_k if strategy.kind == "jbda" else k
+        if not strategy.min_k <= budget <= len(pool) and strategy.kind != "jbda":
+            print(f"skipping {strategy.name}: cannot buy {budget} of {len(pool)}", flush=True)
+            continue
+        # only the stream matters here: ART's own substitute trains one epoch
+        bought = strategy.buy(LocalOracle(target), pool, k=budget, seed=seed, epochs=1)
+        streams[strategy.name] = bought.images.astype(np.float32) / 255.0
+        if strategy.method == "drmi":
+            order = np.random.default_rng(seed).permutation(len(bought.images))
+            streams[f"{strategy.name} (shuffled)"] = streams[strategy.name][order]
+        print(f"stream of {strategy.name}: {len(bought.images)} queries", flush=True)
+    return streams
 
 
 def main() -> int:
@@ -122,7 +107,17 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-dir", type=Path, default=ROOT / "results" / "checkpoints")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "detection.json")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="a smoke run: 20 + 10 benign clients of 300 queries (so false-alarm targets of 5% "
+        "and 10%), attackers of 300 queries, 5 epochs",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.quick:
+        args.clients, args.benign_clients, args.horizon, args.shares = 20, 10, 300, [0.05, 0.1]
+        args.k, args.jbda_k, args.epochs = 300, 300, 5
+        if args.output == parser.get_default("output"):
+            args.output = ROOT / "results" / "detection_quick.json"
     started = time.perf_counter()
     torch.set_num_threads(1)
 
@@ -210,29 +205,38 @@ def main() -> int:
 
 
 def to_markdown(rows: list[dict[str, Any]], attackers: list[str], benign_clients: int) -> str:
+    """One row per strategy; per detector and false-alarm target, its first alarm (and the test
+    accuracy of a substitute trained on what was bought until then)."""
     names = {"prada": "PRADA", "mi_redundancy": "MI redundancy"}
-    lines = [
+    thresholds = [
         "| benign clients flagged (target) | detector | threshold | measured on fresh benign "
-        f"clients ({benign_clients} each) | "
-        + " | ".join(f"{a}: first alarm (substitute accuracy)" for a in attackers)
-        + " |",
-        "|---" * (4 + len(attackers)) + "|",
+        f"clients ({benign_clients} each) |",
+        "|---|---|---|---|",
     ]
     for row in rows:
         measured = ", ".join(f"{p} {r:.0%}" for p, r in row["benign_false_alarm_rate"].items())
-        cells = [
-            f"{row['share']:.0%}",
-            names.get(row["detector"], row["detector"]),
-            f"{row['setting']} = {row['threshold']:.4f}",
-            measured,
-        ]
-        for attack in attackers:
+        thresholds.append(
+            f"| {row['share']:.0%} | {names.get(row['detector'], row['detector'])} | "
+            f"{row['setting']} = {row['threshold']:.4f} | {measured} |"
+        )
+    header = [
+        f"{names.get(row['detector'], row['detector'])} at {row['share']:.0%}: first alarm "
+        "(substitute accuracy)"
+        for row in rows
+    ]
+    lines = [
+        "| strategy | queries | " + " | ".join(header) + " |",
+        "|---" * (2 + len(rows)) + "|",
+    ]
+    for attack in attackers:
+        cells = [attack, str(rows[0]["attacks"][attack]["queries"])]
+        for row in rows:
             a = row["attacks"][attack]
             alarm = a["first_alarm_at"]
             when = str(alarm) if alarm is not None else f"not within {a['queries']}"
             cells.append(f"{when} ({a['substitute_accuracy']:.2%})")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + ANCHORS + "\n"
+    return "\n".join([*thresholds, "", *lines]) + "\n\n" + ANCHORS + "\n"
 
 
 if __name__ == "__main__":

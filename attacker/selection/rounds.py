@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacker.extraction import ExtractionResult, train_substitute
+from attacker.extraction import ExtractionResult, train_on_bought, train_substitute
 from attacker.oracle import LabelOracle, buy
 from mlcore.datasets import ImageDataset
 from mlcore.training import Progress
@@ -110,13 +110,15 @@ def run_rounds(
     round_epochs: int = 10,
     batch_size: int = 4,
     seed: int = 0,
+    semi_supervised: bool = False,
     on_round: RoundProgress | None = None,
     progress: Progress | None = None,
 ) -> RoundsResult:
     """Buy exactly ``k`` labels from ``oracle`` in ``strategy``'s rounds; train the substitute.
 
     Intermediate substitutes train ``round_epochs``; the final one ``epochs`` (``progress`` sees
-    its epochs). ``on_round`` is told after each round.
+    its epochs; ``semi_supervised`` adds the unlabeled rest of the pool to it). ``on_round`` is
+    told after each round.
     """
     if not 1 <= k <= len(pool):
         raise ValueError(f"k must be in 1..{len(pool)} (the pool size), got {k}")
@@ -154,9 +156,9 @@ def run_rounds(
         logger.info(
             "round %d of %d: %d labels bought in all", number, len(sizes), len(state.bought)
         )
-    model, arch_kwargs, _ = train_substitute(
-        pool, state.bought, state.labels, arch=arch, epochs=epochs, batch_size=batch_size,
-        seed=seed, progress=progress,
+    model, arch_kwargs, _ = train_on_bought(
+        pool, state.bought, state.labels, semi_supervised=semi_supervised, arch=arch,
+        epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,
     )  # fmt: skip
     return RoundsResult(
         substitute=model,

@@ -132,6 +132,7 @@ def test_transfer_send_all_sends_every_example_and_reports_both_rates(
         (["--k", "0"], "--k for drmi must be in 1..1500 (the pool size), got 0"),
         (["--method", "random", "--k", "50", "--k", "5000"], "got 5000"),
         (["--method", "jbda", "--k", "50"], "--k for jbda must be at least 100"),
+        (["--method", "jbda", "--k", "100", "--semi-supervised"], "--semi-supervised needs a pool"),
         (["--transfer-eps", "0"], "eps must be > 0"),
         (["--transfer-norm", "l3"], "norm must be one of"),
         (["--pool", "nosuch:pool"], "nosuch"),
