@@ -19,6 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from defenses.sanitization.canonical import (
+    CanonicalModel,
+    canonical_sanitize,
+    check_digit_dataset,
+    train_canonical_model,
+)
 from defenses.sanitization.detector import check_score_kind, detection_scores, flagged
 from defenses.sanitization.detector import score_threshold as threshold_for_pass_rate
 from defenses.sanitization.errors import SanitizationError, check_unit_interval
@@ -108,11 +114,16 @@ def build_sanitized_pair(
     out_path: Path,
     system_fonts: bool = True,
     canonical_epochs: int | None = None,
+    canonical: CanonicalModel | None = None,
     batch_size: int = 32,
 ) -> SanitizedPair:
     """Sanitise the parent's own training split with ``method``, train the sanitised model on
     the kept images, set the score threshold on the calibration half of the held-out test split,
-    and save it at ``out_path`` (atomically, and only once everything above succeeded)."""
+    and save it at ``out_path`` (atomically, and only once everything above succeeded).
+
+    ``canonical`` reuses a canonical model already trained (to sanitise at several thresholds);
+    otherwise the ``canonical`` method trains one (``canonical_epochs``, default the twin's).
+    ``system_fonts=False`` renders only matplotlib's bundled fonts and ``fonts_dirs``."""
     if method not in METHODS:
         raise SanitizationError(f"method must be one of {list(METHODS)}, got {method!r}")
     check_unit_interval("threshold", threshold)
@@ -137,20 +148,20 @@ def build_sanitized_pair(
     if method == "self":
         kept = self_sanitize(parent.model, train, threshold)
     else:
-        from defenses.sanitization.canonical import canonical_sanitize
-
-        kept, provenance["canonical"] = canonical_sanitize(
-            train,
-            threshold,
-            arch=parent.arch,
-            arch_kwargs=parent.arch_kwargs,
-            test=held_out.test,
-            fonts_dirs=fonts_dirs,
-            system_fonts=system_fonts,
-            epochs=canonical_epochs or sanitized_epochs,
-            seed=seed,
-            batch_size=batch_size,
-        )
+        if canonical is None:
+            check_digit_dataset(train)
+            canonical = train_canonical_model(
+                arch=parent.arch,
+                arch_kwargs=parent.arch_kwargs,
+                test=held_out.test,
+                fonts_dirs=fonts_dirs,
+                system_fonts=system_fonts,
+                epochs=canonical_epochs or sanitized_epochs,
+                seed=seed,
+                batch_size=batch_size,
+            )
+        kept = canonical_sanitize(canonical, train, threshold)
+        provenance["canonical"] = canonical.report
     logger.info(
         "%s sanitisation at %s keeps %d of %d training images",
         method,
