@@ -21,7 +21,8 @@ mode (in ``framework`` mode those are exactly the rejected ones), so ``log`` mod
 clients a ``framework`` target would have refused. A stream's state is rebuilt from the table
 on first use, so it survives a restart.
 
-The pair is stored beside the checkpoint as ``<model>.sanitized.pt``; it is accepted only for
+The pair is stored beside the checkpoint as ``<model>.sanitized-<method>.pt`` (where ``defender
+sanitize`` puts it too); it is accepted only for
 the parent checkpoint (sha256) it was built for and the configured method, threshold, score and
 pass rate. ``target-service train`` builds it; at start-up a missing or stale one is built
 (logged) when ``TARGET_TRAIN_MISSING``, otherwise the start-up fails naming why.
@@ -53,7 +54,11 @@ if TYPE_CHECKING:  # the sanitisation package is imported when a pair is loaded,
 logger = logging.getLogger(__name__)
 
 # kind -> the pair's score
-KINDS: dict[str, str] = {"kl-sanitized": "kl", "js-sanitized": "js", "disagree-sanitized": "disagree"}
+KINDS: dict[str, str] = {
+    "kl-sanitized": "kl",
+    "js-sanitized": "js",
+    "disagree-sanitized": "disagree",
+}
 Kind = Literal["kl-sanitized", "js-sanitized", "disagree-sanitized"]
 Mode = Literal["log", "sanitized", "framework"]
 AlarmPolicy = Literal["log", "block"]
@@ -93,8 +98,11 @@ class InputDefenseSpec(BaseModel):
         return KINDS[self.kind]
 
 
-def sanitized_pair_path(checkpoint_dir: Path, model: str) -> Path:
-    return checkpoint_dir / f"{model}.sanitized.pt"
+def sanitized_pair_path(checkpoint_dir: Path, model: str, method: str) -> Path:
+    """Where ``defender sanitize`` puts a sanitised twin by default, beside its parent."""
+    from defenses.sanitization import sanitized_checkpoint_path
+
+    return sanitized_checkpoint_path(checkpoint_dir / f"{model}.pt", method)
 
 
 def build_pair(
@@ -114,7 +122,7 @@ def build_pair(
         fonts_dirs=tuple(Path(folder) for folder in spec.fonts_dirs),
         epochs=spec.epochs,
         seed=spec.seed,
-        out_path=sanitized_pair_path(checkpoint_dir, model),
+        out_path=sanitized_pair_path(checkpoint_dir, model, spec.method),
     )
     logger.info(
         "built the sanitised twin of %s (%s, threshold %g) in %.1f s: %s threshold %.6g at "
@@ -137,7 +145,7 @@ def load_pair(
     warning says why), else InputDefenceError names the problem."""
     from defenses.sanitization import SanitizationError, load_sanitized_pair
 
-    path = sanitized_pair_path(checkpoint_dir, model)
+    path = sanitized_pair_path(checkpoint_dir, model, spec.method)
     if not path.exists():
         problem = f"there is no sanitised model at {path}"
     else:
@@ -162,7 +170,7 @@ def stale_because(pair: SanitizedPair, spec: InputDefenseSpec) -> str | None:
     """Why a stored pair does not fit the configured spec, or None when it does."""
     built = {
         "method": pair.method,
-        "threshold": pair.sanitization_threshold,
+        "threshold": pair.threshold,
         "score": pair.score_kind,
         "pass_rate": pair.pass_rate,
     }
@@ -172,7 +180,11 @@ def stale_because(pair: SanitizedPair, spec: InputDefenseSpec) -> str | None:
         "score": spec.score,
         "pass_rate": spec.pass_rate,
     }
-    differ = [f"{key} {built[key]!r} (configured {wanted[key]!r})" for key in built if built[key] != wanted[key]]
+    differ = [
+        f"{key} {built[key]!r} (configured {wanted[key]!r})"
+        for key in built
+        if built[key] != wanted[key]
+    ]
     return f"the stored sanitised model was built with {', '.join(differ)}" if differ else None
 
 
@@ -277,9 +289,13 @@ class ScreeningHub:
     def is_blocked(self, client_id: str, model: str) -> bool:
         """True once this client's flagged-share alarm fired and the model's policy is block."""
         return (
-            self.alarm_policies.get(model, "log") == "block"
-            and (client_id, model) in self._alarmed
+            self.alarm_policies.get(model, "log") == "block" and (client_id, model) in self._alarmed
         )
+
+    def catch_up(self, client_id: str, model: str) -> None:
+        """Load the stream (call under ``stream_lock``, before the block check): after a restart
+        its alarm is recorded before the client's next request is charged."""
+        self._stream(client_id, model)
 
     def observe(self, client_id: str, model: str, entry_id: int, screening: Screening) -> None:
         """Feed one charged request (call under ``stream_lock``); record a new alarm at once."""
