@@ -175,9 +175,7 @@ def test_log_and_sanitized_modes_answer_every_image_and_record_flags(
 def test_framework_with_top_k_withholds_every_field_of_a_rejected_image(
     tmp_path: Path, trained_checkpoints: Path, pairs: list[FakePair]
 ) -> None:
-    with app(
-        tmp_path, trained_checkpoints, FRAMEWORK, output_policies={MODEL: "top-k:3"}
-    ) as http:
+    with app(tmp_path, trained_checkpoints, FRAMEWORK, output_policies={MODEL: "top-k:3"}) as http:
         _, key = new_client(http)
         body = predict(http, key, mixed_batch()).json()
 
