@@ -1,5 +1,6 @@
 """``defender``: the data owner's command line. Upload a dataset to the service and train a
-model on it there (the service hosts it as ``u/<client-name>/<name>``)."""
+model on it there (the service hosts it as ``u/<client-name>/<name>``); build a sanitised twin
+of a checkpoint (``sanitize``)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from defenses.sanitization.command import sanitize
 from mlcore.client import ServiceClient, ServiceError
 
 app = typer.Typer(help="The mlaas-range defender and data owner.", no_args_is_help=True)
+app.command()(sanitize)
 console = Console()
 err_console = Console(stderr=True)
 
