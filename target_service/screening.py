@@ -146,9 +146,8 @@ def load_pair(
     from defenses.sanitization import SanitizationError, load_sanitized_pair
 
     path = sanitized_pair_path(checkpoint_dir, model, spec.method)
-    if not path.exists():
-        problem = f"there is no sanitised model at {path}"
-    else:
+    problem: str | None = f"there is no sanitised model at {path}"
+    if path.exists():
         try:
             pair = load_sanitized_pair(path, checkpoint_dir / f"{model}.pt")
         except (SanitizationError, OSError) as exc:
