@@ -16,7 +16,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx2
 import numpy as np
@@ -27,8 +26,8 @@ from attacker.transfer.pgd import PGD
 from mlcore.checkpoints import load_checkpoint
 from mlcore.datasets import load_dataset
 from mlcore.training import predict_labels
-from mlcore.wire import encode_tensor
 from target_service.testing import LiveServer, admin_create_client, target_env
+from tests.e2e.test_detection_e2e import admin, predict
 
 pytestmark = pytest.mark.e2e
 
@@ -59,21 +58,6 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert "sanitised twin (self, threshold 0.99) built" in run.stdout, run.stdout
     assert (folder / f"{MODEL}.sanitized-self.pt").is_file()
     return folder
-
-
-def predict(server: LiveServer, key: str, x: np.ndarray) -> httpx2.Response:
-    return httpx2.post(
-        f"{server.url}/v1/models/{MODEL}/predict",
-        json={"inputs": encode_tensor(x).model_dump()},
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=60,
-    )
-
-
-def admin(server: LiveServer, path: str) -> Any:
-    response = httpx2.get(f"{server.url}{path}", headers=server.admin_headers, timeout=60)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def adversarial_examples(checkpoint: Path, images: np.ndarray) -> np.ndarray:

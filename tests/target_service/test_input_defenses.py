@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from mlcore.client import read_prediction
 from mlcore.training import predict_logits
 from target_service import screening
 from target_service.settings import Settings, describe_settings_error
+from target_service.testing import LiveServer, ServerStartError
 from tests.target_service.test_api import ADMIN_HEADERS, MODEL, bearer, make_app, payload
 
 FRAMEWORK = {"kind": "kl-sanitized", "mode": "framework", "method": "self", "threshold": 0.9}
@@ -270,3 +271,27 @@ def test_settings_refuse_an_input_defence_for_a_model_not_hosted(
     monkeypatch.setenv("TARGET_INPUT_DEFENSES", json.dumps({"c3f2-mnist": FRAMEWORK}))
     with pytest.raises(ValidationError, match="TARGET_INPUT_DEFENSES names model 'c3f2-mnist'"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("spec", "code", "message"),
+    [
+        (  # refused by Settings, before any model loads
+            {**FRAMEWORK, "threshold": 1.5},
+            2,
+            "TARGET_INPUT_DEFENSES.lenet5-mnist.threshold: Input should be less than 1 (got 1.5)",
+        ),
+        (  # refused when the pair is loaded at start-up: none was built
+            FRAMEWORK,
+            3,
+            "TARGET_INPUT_DEFENSES['lenet5-mnist']: there is no sanitised model at",
+        ),
+    ],
+)
+def test_serve_exits_non_zero_naming_the_bad_input_defence(
+    live_server_factory: Callable[..., LiveServer], spec: dict[str, Any], code: int, message: str
+) -> None:
+    with pytest.raises(ServerStartError) as info:
+        live_server_factory(input_defenses={MODEL: spec}, detectors={MODEL: {}})
+    assert f"exited with code {code} " in str(info.value)
+    assert message in str(info.value)
