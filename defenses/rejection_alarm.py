@@ -7,9 +7,11 @@ fires once at least ``share`` of the slots of its last ``window`` images are fla
 ``ceil(share * window)`` of its last ``window`` images were flagged (a client with fewer images
 than ``window`` needs as many flagged ones: a handful of images never fires it).
 
-With the defaults (window 100, share 0.2) a normal client whose images are flagged independently
-with probability 0.02 needs 20 of 100 flagged: probability about 1e-14 per window. An attacker
-whose transfer examples are mostly flagged fires it within a few dozen of them.
+The default share comes from the defence's normal pass rate (``share_for_pass_rate``): the
+smallest count a normal client, whose images are each flagged with probability 1 - pass rate,
+reaches within one window with probability at most 1e-6 (binomial tail). Window 100: 12 flagged
+at a 98% pass rate, 19 at 95%, 28 at 90%. An attacker whose examples are mostly flagged fires
+it within a few dozen of them.
 """
 
 from __future__ import annotations
@@ -18,23 +20,47 @@ import math
 from collections import deque
 from collections.abc import Iterable
 
-from defenses.base import Verdict, check_fraction, check_int
+from scipy.stats import binom
 
-__all__ = ["DEFAULT_ALARM_SHARE", "DEFAULT_ALARM_WINDOW", "RejectedShareAlarm"]
+from defenses.base import DetectorError, Verdict, check_fraction, check_int
+
+__all__ = [
+    "DEFAULT_ALARM_WINDOW",
+    "NORMAL_FALSE_ALARM",
+    "RejectedShareAlarm",
+    "share_for_pass_rate",
+]
 
 DEFAULT_ALARM_WINDOW = 100
-DEFAULT_ALARM_SHARE = 0.2
+NORMAL_FALSE_ALARM = 1e-6  # chance that one window of a normal client's images fires the alarm
+
+
+def share_for_pass_rate(
+    pass_rate: float, *, window: int = DEFAULT_ALARM_WINDOW, false_alarm: float = NORMAL_FALSE_ALARM
+) -> float:
+    """The alarm share for a defence that lets ``pass_rate`` of normal images through: a window
+    of a normal client's images (flagged independently) fires it with probability at most
+    ``false_alarm``."""
+    flagged = 1.0 - check_fraction("pass_rate", pass_rate)
+    window = check_int("window", window, low=1, high=1_000_000)
+    check_fraction("false_alarm", false_alarm)
+    needed = min(window, int(binom.isf(false_alarm, window, flagged)) + 1)
+    return needed / window
 
 
 class RejectedShareAlarm:
     """One client's flagged-share alarm (see the module docstring). Not thread-safe: feed one
     client's images in the order they were charged."""
 
-    def __init__(
-        self, *, window: int = DEFAULT_ALARM_WINDOW, share: float = DEFAULT_ALARM_SHARE
-    ) -> None:
+    def __init__(self, *, window: int = DEFAULT_ALARM_WINDOW, share: float) -> None:
         self.window = check_int("window", window, low=1, high=1_000_000)
-        self.share = check_fraction("share", share)
+        if (
+            isinstance(share, bool)
+            or not isinstance(share, int | float)
+            or not 0.0 < share <= 1.0  # also refuses NaN
+        ):
+            raise DetectorError(f"share must be a number in (0, 1], got {share!r}")
+        self.share = float(share)
         self.needed = max(1, math.ceil(self.share * self.window - 1e-9))
         self.queries_seen = 0
         self.flagged_total = 0

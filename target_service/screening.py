@@ -44,7 +44,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from defenses.output_policies import OutputPolicy
-from defenses.rejection_alarm import DEFAULT_ALARM_SHARE, DEFAULT_ALARM_WINDOW, RejectedShareAlarm
+from defenses.rejection_alarm import DEFAULT_ALARM_WINDOW, RejectedShareAlarm, share_for_pass_rate
 from target_service.metrics import ServiceMetrics
 from target_service.state import Screening, StateStore
 
@@ -88,7 +88,13 @@ class InputDefenseSpec(BaseModel):
         default=0.98, gt=0, lt=1, description="Share of held-out normal images let through."
     )
     alarm_window: int = Field(default=DEFAULT_ALARM_WINDOW, ge=1, le=1_000_000)
-    alarm_share: float = Field(default=DEFAULT_ALARM_SHARE, gt=0, lt=1)
+    alarm_share: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Alarm when this share of the last alarm_window images is flagged; default "
+        "from pass_rate: a normal client fills a window with probability <= 1e-6.",
+    )
     epochs: int | None = Field(default=None, ge=1, description="Sanitised model's epochs.")
     seed: int = Field(default=0, ge=0)
     fonts_dirs: list[str] = Field(default_factory=list, description="Canonical: extra fonts.")
@@ -96,6 +102,12 @@ class InputDefenseSpec(BaseModel):
     @property
     def score(self) -> str:
         return KINDS[self.kind]
+
+    @property
+    def alarm_share_or_default(self) -> float:
+        if self.alarm_share is not None:
+            return self.alarm_share
+        return share_for_pass_rate(self.pass_rate, window=self.alarm_window)
 
 
 def sanitized_pair_path(checkpoint_dir: Path, model: str, method: str) -> Path:
@@ -342,7 +354,7 @@ class ScreeningHub:
         """Replay the stream's whole screening log (every charged request's flags)."""
         spec = self.screens[model].spec
         stream = _Stream(
-            RejectedShareAlarm(window=spec.alarm_window, share=spec.alarm_share),
+            RejectedShareAlarm(window=spec.alarm_window, share=spec.alarm_share_or_default),
             deque(maxlen=spec.alarm_window),
         )
         for entry_id, screening in self.store.screening_log(client_id, model):

@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import binom
 
 from defenses.base import DetectorError
-from defenses.rejection_alarm import RejectedShareAlarm
+from defenses.rejection_alarm import RejectedShareAlarm, share_for_pass_rate
 
 
 @pytest.mark.parametrize(
@@ -58,24 +58,46 @@ def test_the_first_alarm_is_kept_once_the_share_falls_again() -> None:
     assert alarm.verdict.flagged
 
 
-def test_defaults_leave_a_normal_client_alone() -> None:
-    """At the detector's default 98% pass rate a normal image is flagged with p = 0.02; the
-    default alarm (20 of the last 100) then fires on a full window with probability < 1e-13."""
-    alarm = RejectedShareAlarm()
-    assert (alarm.window, alarm.needed) == (100, 20)
-    assert binom.sf(alarm.needed - 1, alarm.window, 0.02) < 1e-13
+@pytest.mark.parametrize(
+    ("pass_rate", "window", "needed"),
+    [(0.98, 100, 12), (0.95, 100, 19), (0.90, 100, 28), (0.90, 20, 11), (0.5, 20, 20)],
+)
+def test_the_default_share_leaves_a_normal_client_alone(
+    pass_rate: float, window: int, needed: int
+) -> None:
+    """A normal client, each image flagged with p = 1 - pass_rate, reaches ``needed`` flagged
+    images in one window with probability <= 1e-6, and ``needed - 1`` with more."""
+    share = share_for_pass_rate(pass_rate, window=window)
+    alarm = RejectedShareAlarm(window=window, share=share)
+    assert (share, alarm.needed) == (needed / window, needed)
+    assert binom.sf(needed - 1, window, 1 - pass_rate) <= 1e-6
+    if needed < window:
+        assert binom.sf(needed - 2, window, 1 - pass_rate) > 1e-6
 
 
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"window": 0}, "window must be in 1..1000000, got 0"),
-        ({"window": 2.5}, "window must be an integer, got 2.5"),
-        ({"share": 0.0}, r"share must be a number in \(0, 1\), got 0.0"),
-        ({"share": 1.0}, r"share must be a number in \(0, 1\), got 1.0"),
-        ({"share": "0.2"}, r"share must be a number in \(0, 1\), got '0.2'"),
+        ({"window": 0, "share": 0.2}, "window must be in 1..1000000, got 0"),
+        ({"window": 2.5, "share": 0.2}, "window must be an integer, got 2.5"),
+        ({"share": 0.0}, r"share must be a number in \(0, 1\], got 0.0"),
+        ({"share": 1.5}, r"share must be a number in \(0, 1\], got 1.5"),
+        ({"share": "0.2"}, r"share must be a number in \(0, 1\], got '0.2'"),
     ],
 )
 def test_bad_settings_name_the_value(settings: dict, message: str) -> None:
     with pytest.raises(DetectorError, match=message):
         RejectedShareAlarm(**settings)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"pass_rate": 1.0}, r"pass_rate must be a number in \(0, 1\), got 1.0"),
+        ({"pass_rate": 0.9, "window": 0}, "window must be in 1..1000000, got 0"),
+        ({"pass_rate": 0.9, "false_alarm": 0}, r"false_alarm must be a number in \(0, 1\), got 0"),
+    ],
+)
+def test_share_for_pass_rate_names_a_bad_value(arguments: dict, message: str) -> None:
+    with pytest.raises(DetectorError, match=message):
+        share_for_pass_rate(**arguments)

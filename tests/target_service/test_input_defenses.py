@@ -230,9 +230,10 @@ def test_log_policy_records_the_alarm_and_keeps_answering(
     for _ in range(4):
         assert predict(http, key, bright).status_code == 200
     view = admin_view(http, client_id)
-    # defaults: 20 flagged among the last 100 images
-    assert view["input_defenses"][MODEL]["first_alarm_at"] == 20
+    # defaults at a 98% pass rate: 12 flagged among the last 100 images
+    assert view["input_defenses"][MODEL]["first_alarm_at"] == 12
     assert view["input_defenses"][MODEL]["alarm_window"] == 100
+    assert view["input_defenses"][MODEL]["threshold"] == 0.12
     assert view["blocked_on"] == []
 
 
