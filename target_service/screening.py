@@ -21,10 +21,12 @@ mode (in ``framework`` mode those are exactly the rejected ones), so ``log`` mod
 clients a ``framework`` target would have refused. A stream's state is rebuilt from the table
 on first use, so it survives a restart.
 
+The default ``alarm_share`` follows from the pass rate (``share_for_pass_rate``): a normal client
+fills one window with probability at most 1e-6.
+
 The pair is stored beside the checkpoint as ``<model>.sanitized-<method>.pt`` (where ``defender
-sanitize`` puts it too); it is accepted only for
-the parent checkpoint (sha256) it was built for and the configured method, threshold, score and
-pass rate. ``target-service train`` builds it; at start-up a missing or stale one is built
+sanitize`` puts it too); it is accepted only for the parent checkpoint (sha256) it was built for
+and the configured method, threshold, score and pass rate. ``target-service train`` builds it; at start-up a missing or stale one is built
 (logged) when ``TARGET_TRAIN_MISSING``, otherwise the start-up fails naming why.
 """
 
