@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-PAPER_THRESHOLDS = {"self": 0.9999999, "canonical": 0.9999}  # the paper's Section 4 models
+PAPER_MODEL_THRESHOLDS = {"self": 0.9999999, "canonical": 0.9999}  # the paper's Section 4 models
 
 console = Console()
 err_console = Console(stderr=True)
@@ -71,7 +71,7 @@ def sanitize(
         sanitized_checkpoint_path,
     )
 
-    chosen = threshold if threshold is not None else PAPER_THRESHOLDS.get(method, 0.0)
+    chosen = threshold if threshold is not None else PAPER_MODEL_THRESHOLDS.get(method, 0.0)
     out_path = out or sanitized_checkpoint_path(checkpoint, method)
     with err_console.status(f"{method} sanitisation of {checkpoint.name} at {chosen}"):
         try:

@@ -91,17 +91,3 @@ def roc_auc(normal_scores: np.ndarray, adversarial_scores: np.ndarray) -> float:
 
     truth = np.r_[np.zeros(len(normal)), np.ones(len(adversarial))]
     return float(roc_auc_score(truth, np.r_[normal, adversarial]))
-
-
-def rates_at_pass_rates(
-    kind: str,
-    normal_scores: np.ndarray,
-    adversarial_scores: np.ndarray,
-    pass_rates: tuple[float, ...] = (0.90, 0.95, 0.98),
-) -> dict[float, float]:
-    """Detection rate on the adversarial scores at each normal pass rate (thresholds set on
-    ``normal_scores``): the operating points the issue asks every figure at."""
-    return {
-        rate: detection_rate(adversarial_scores, score_threshold(kind, normal_scores, rate))
-        for rate in pass_rates
-    }

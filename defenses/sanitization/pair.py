@@ -22,7 +22,6 @@ from torch import nn
 from defenses.sanitization.canonical import (
     CanonicalModel,
     canonical_sanitize,
-    check_digit_dataset,
     train_canonical_model,
 )
 from defenses.sanitization.detector import check_score_kind, detection_scores, flagged
@@ -148,8 +147,7 @@ def build_sanitized_pair(
     if method == "self":
         kept = self_sanitize(parent.model, train, threshold)
     else:
-        if canonical is None:
-            check_digit_dataset(train)
+        if canonical is None:  # refuses non-digit data before rendering a single font
             canonical = train_canonical_model(
                 arch=parent.arch,
                 arch_kwargs=parent.arch_kwargs,
@@ -180,7 +178,6 @@ def build_sanitized_pair(
         batch_size=batch_size,
         seed=seed,
     )
-    sanitized.eval()
 
     calibration = held_out.calibration
     normal_scores = detection_scores(

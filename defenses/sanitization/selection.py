@@ -16,6 +16,13 @@ from mlcore.training import predict_logits
 MIN_PER_CLASS = 10  # a sanitised model cannot learn a class it keeps fewer images of
 
 
+def confident_subset(judge: nn.Module, train: ImageDataset, threshold: float) -> np.ndarray:
+    """Indices into ``train`` (ascending) that ``judge`` gives confidence >= ``threshold`` on
+    their label."""
+    check_unit_interval("threshold", threshold)
+    return confident_indices(predict_logits(judge, train.images), train.labels, threshold)
+
+
 def keep_confident(
     judge: nn.Module,
     train: ImageDataset,
@@ -23,10 +30,9 @@ def keep_confident(
     *,
     min_per_class: int = MIN_PER_CLASS,
 ) -> np.ndarray:
-    """Indices into ``train`` (ascending) that ``judge`` gives confidence >= ``threshold`` on
-    their label; SanitizationError when some class keeps fewer than ``min_per_class``."""
-    check_unit_interval("threshold", threshold)
-    kept = confident_indices(predict_logits(judge, train.images), train.labels, threshold)
+    """``confident_subset``, refused (SanitizationError) when some class keeps fewer than
+    ``min_per_class`` images."""
+    kept = confident_subset(judge, train, threshold)
     per_class = np.bincount(train.labels.numpy()[kept], minlength=train.num_classes)
     if per_class.min() < min_per_class:
         short = {c: int(n) for c, n in enumerate(per_class) if n < min_per_class}

@@ -13,13 +13,14 @@ from torch import nn
 
 from defenses.sanitization import SanitizationError
 from defenses.sanitization.detector import (
+    detection_rate,
     detection_scores,
     disagreement,
     flagged,
-    rates_at_pass_rates,
     roc_auc,
     score_threshold,
 )
+from defenses.sanitization.evaluation import compare_scores
 from defenses.sanitization.heldout import held_out_split
 from mlcore.training import predict_logits
 
@@ -104,12 +105,14 @@ def test_disagreement_flags_every_top_label_difference_whatever_the_pass_rate():
     assert flagged(scores, 0.5).tolist() == [False, True, True]
 
 
-def test_roc_auc_and_rates_at_pass_rates_on_known_scores():
+def test_roc_auc_thresholds_and_detection_rates_on_known_scores():
     normal = np.arange(100, dtype=np.float64)  # 0..99
     adversarial = np.array([50.0, 95.5, 200.0, 300.0])
     assert roc_auc(normal, adversarial) == pytest.approx((50.5 + 96 + 100 + 100) / 400)
     # thresholds (higher quantiles): 90% pass -> 90, 95% -> 95, 98% -> 98; flagged is strictly above
-    assert rates_at_pass_rates("kl", normal, adversarial) == {0.9: 0.75, 0.95: 0.75, 0.98: 0.5}
+    thresholds = [score_threshold("kl", normal, rate) for rate in (0.9, 0.95, 0.98)]
+    assert thresholds == [90.0, 95.0, 98.0]
+    assert [detection_rate(adversarial, t) for t in thresholds] == [0.75, 0.75, 0.5]
     with pytest.raises(
         SanitizationError, match="need normal and adversarial scores, got 100 and 0"
     ):
@@ -123,3 +126,26 @@ def test_roc_auc_and_rates_at_pass_rates_on_known_scores():
 def test_bad_detector_parameters_are_named(kind, pass_rate, message):
     with pytest.raises(SanitizationError, match=message):
         score_threshold(kind, np.zeros(10), pass_rate)
+
+
+def test_every_score_kind_is_compared_on_the_same_images(self_pair):
+    evaluation = held_out_split(self_pair.provenance["train_data"]).evaluation
+    x, y = evaluation.as_float()[:100], evaluation.labels[:100]
+    adversarial = minimal_targeted_pgd(
+        self_pair.sanitized, x, (y + 1) % 10, eps=0.3, step=0.01, steps=100
+    )
+    comparison = compare_scores(self_pair, adversarial)
+    assert set(comparison) == {"kl", "js", "disagree"}
+    kl = comparison["kl"]
+    assert kl["thresholds"][0.98] == pytest.approx(
+        self_pair.score_threshold
+    )  # same rule as the pair's
+    assert kl["roc_auc"] == roc_auc(
+        scores_of(self_pair, evaluation.images), scores_of(self_pair, adversarial)
+    )
+    for result in comparison.values():
+        # a stricter pass rate never flags more
+        assert result["false_reject"][0.9] >= result["false_reject"][0.98]
+        assert result["detection"][0.9] >= result["detection"][0.98]
+    # disagree ignores the pass rate: one threshold, one false-reject share
+    assert len(set(comparison["disagree"]["false_reject"].values())) == 1
