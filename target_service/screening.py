@@ -315,7 +315,11 @@ class ScreeningHub:
         stream = self._stream(client_id, model)
         if entry_id <= stream.through_entry:
             return  # loaded from the table already
-        self._feed(client_id, model, stream, screening)
+        try:
+            self._feed(client_id, model, stream, screening)
+        except Exception:  # e.g. the store: rebuild the stream from the table next time
+            del self._streams[(client_id, model)]
+            raise
         stream.through_entry = entry_id
         self.metrics.input_flagged.labels(model).inc(sum(screening.flags))
         self.metrics.input_rejected.labels(model).inc(screening.rejected)
