@@ -31,8 +31,9 @@ from typing import Any
 
 import httpx2
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
-from mlcore.wire import encode_tensor
+from mlcore.wire import PredictResponse, encode_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,38 @@ class Unavailable(ServiceError):
 
 
 _REJECTIONS: dict[int, type[Rejected]] = {402: BudgetExhausted, 403: Blocked, 404: NotFound}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A predict answer, read: ``labels`` has one entry per image, ``None`` where an input
+    defence rejected the image (those indices are in ``rejected``; a rejected image is charged
+    like an answered one)."""
+
+    labels: list[int | None]
+    rejected: list[int]
+    charged: int
+    queries_used: int
+    queries_remaining: int
+
+
+_PREDICT_RESPONSE: TypeAdapter[PredictResponse] = TypeAdapter(PredictResponse)
+
+
+def read_prediction(body: Any) -> Prediction:
+    """Check a predict answer against the wire schema (any output policy, with or without an
+    input defence that rejects); raise ServiceError when it does not fit."""
+    try:
+        answer = _PREDICT_RESPONSE.validate_python(body)
+    except ValidationError as exc:
+        raise ServiceError(f"the service's predict answer does not fit the schema: {exc}") from None
+    return Prediction(
+        labels=list(answer.labels),
+        rejected=list(getattr(answer, "rejected", [])),
+        charged=answer.charged,
+        queries_used=answer.queries_used,
+        queries_remaining=answer.queries_remaining,
+    )
 
 
 @dataclass(frozen=True)
@@ -151,7 +184,8 @@ class ServiceClient:
 
     # -- predict and models ------------------------------------------------------------------
     def predict(self, model: str, images: np.ndarray, *, request_id: str | None = None) -> Reply:
-        """One batch; without ``request_id`` it is sent once (a repeat could be charged twice)."""
+        """One batch; without ``request_id`` it is sent once (a repeat could be charged twice).
+        ``read_prediction(reply.body)`` reads the answer (labels may be ``None``: rejected)."""
         body: dict[str, Any] = {"inputs": encode_tensor(images).model_dump()}
         if request_id is not None:
             body["request_id"] = request_id

@@ -114,7 +114,36 @@ class ProbabilitiesResponse(_Usage):
     probabilities: list[list[float]]
 
 
-PredictResponse = LabelsResponse | TopKResponse | ProbabilitiesResponse
+class _Screened(_Usage):
+    """The answer of a model behind an input defence that can reject images (the sanitised
+    twin's ``framework`` mode): a rejected image is charged like an answered one, its entries
+    are ``null``, and ``rejected`` lists the indices of the rejected images, ascending."""
+
+    rejected: list[int]
+
+
+class ScreenedLabelsResponse(_Screened):
+    labels: list[int | None]
+
+
+class ScreenedTopKResponse(_Screened):
+    labels: list[int | None]
+    top_k: list[list[int] | None]
+
+
+class ScreenedProbabilitiesResponse(_Screened):
+    labels: list[int | None]
+    probabilities: list[list[float] | None]
+
+
+PredictResponse = (
+    LabelsResponse
+    | TopKResponse
+    | ProbabilitiesResponse
+    | ScreenedLabelsResponse
+    | ScreenedTopKResponse
+    | ScreenedProbabilitiesResponse
+)
 
 
 class ModelInfo(_Strict):

@@ -32,6 +32,7 @@ from target_service.errors import (
 )
 from target_service.metrics import ServiceMetrics
 from target_service.routes import admin, datasets, membership, public, training
+from target_service.screening import ScreeningHub, load_screens
 from target_service.service import TargetService
 from target_service.settings import Settings
 from target_service.state import StateStore
@@ -69,7 +70,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics=metrics,
             snapshot_every=settings.snapshot_every,
         )
-        service = TargetService(settings, store, models, metrics, detection)
+        screening = ScreeningHub(
+            store,
+            load_screens(
+                settings.input_defenses,
+                settings.checkpoint_dir,
+                build_missing=settings.train_missing,
+                data_root=settings.data_root,
+            ),
+            metrics=metrics,
+            alarm_policies=settings.alarm_policies,
+            stream_lock=detection.stream_lock,
+        )
+        service = TargetService(settings, store, models, metrics, detection, screening)
         app.state.service = service
         service.workers.supervise(store)  # also resumes jobs left by a restart or a dead worker
         logger.info("serving %s with state in %s", sorted(models), settings.state_path)

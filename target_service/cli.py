@@ -32,14 +32,17 @@ def train(
         ),
     ] = 100,
 ) -> None:
-    """Train the default targets into checkpoints, print their test accuracy, and calibrate
-    their detectors (TARGET_DETECTORS) as `calibrate` does."""
+    """Train the default targets into checkpoints, print their test accuracy, calibrate
+    their detectors (TARGET_DETECTORS) as `calibrate` does, and build the sanitised twin of each
+    model with an input defence (TARGET_INPUT_DEFENSES)."""
+    from target_service.screening import build_pair
     from target_service.settings import DEFAULT_MODELS, Settings
     from target_service.zoo import TARGETS, calibrate_target, train_target
 
     names = models or DEFAULT_MODELS
     _check_models(names)
-    configured = Settings().detectors
+    settings = Settings()
+    configured = settings.detectors
     table = Table(
         "model", "test data", "test accuracy", "epochs", "seconds", "checkpoint", "thresholds"
     )
@@ -73,6 +76,15 @@ def train(
             str(path),
             thresholds,
         )
+        spec = settings.input_defenses.get(name)
+        if spec is not None:
+            with console.status(f"building the sanitised twin of {name}..."):
+                pair = build_pair(name, checkpoint_dir, spec, data_root=data_root)
+            console.print(
+                f"{name}: sanitised twin ({spec.method}, threshold {spec.threshold:g}) built; "
+                f"{spec.score} threshold {pair.score_threshold:.6g} lets {spec.pass_rate:.0%} "
+                "of held-out normal images through"
+            )
     console.print(table)
 
 

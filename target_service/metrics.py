@@ -27,6 +27,18 @@ class ServiceMetrics:
             ["model", "detector"],
             registry=self.registry,
         )
+        self.input_flagged = Counter(
+            "mlaas_input_flagged",
+            "Images an input defence flagged as adversarial (TARGET_INPUT_DEFENSES)",
+            ["model"],
+            registry=self.registry,
+        )
+        self.input_rejected = Counter(
+            "mlaas_input_rejected",
+            "Images an input defence refused to answer (charged, label null)",
+            ["model"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "mlaas_predict_seconds", "Predict latency", ["model"], registry=self.registry
         )

@@ -27,6 +27,7 @@ from target_service.errors import (
 )
 from target_service.metrics import ServiceMetrics
 from target_service.rate_limit import RateLimiter
+from target_service.screening import ScreeningHub
 from target_service.settings import Settings
 from target_service.state import Client, StateStore
 from target_service.worker import WorkerPool
@@ -43,12 +44,16 @@ class TargetService:
         models: dict[str, HostedModel],
         metrics: ServiceMetrics,
         detection: DetectionHub,
+        screening: ScreeningHub | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.models = models
         self.metrics = metrics
         self.detection = detection
+        self.screening = screening or ScreeningHub(
+            store, {}, metrics=metrics, alarm_policies={}, stream_lock=detection.stream_lock
+        )
         self.rate_limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
         self.workers = WorkerPool(settings)
         self.dataset_files = DatasetFiles(settings.state_dir / "datasets")
@@ -112,12 +117,21 @@ class TargetService:
                 f"a batch of {len(images)} image(s) does not fit the remaining budget of "
                 f"{client.remaining} queries"
             )
-        logits = hosted.logits(torch.from_numpy(_as_float(images)))
-        answer = hosted.policy.render(logits)
+        x = torch.from_numpy(_as_float(images))
+        screen = self.screening.screen_for(name)
+        if screen is None:
+            logits = hosted.logits(x)
+            answer, screening = hosted.policy.render(logits), None
+            labels = logits.argmax(dim=1).tolist()
+        else:  # one forward pass of the model and of its sanitised twin
+            screened = screen.screen(x, hosted.policy)
+            answer, labels, screening = screened.answer, screened.labels, screened.screening
         watched = self.detection.watches(name)
         with self.detection.stream_lock(client.client_id, name):
             if watched:  # detectors in error are rebuilt first: their alarms count from now
                 self.detection.catch_up(client.client_id, name)
+            if screen is not None:
+                self.screening.catch_up(client.client_id, name)
             # Under the stream lock, after every earlier request of this client was observed:
             # no request is charged once a blocking alarm is recorded.
             self._refuse_if_blocked(client.client_id, name)
@@ -129,14 +143,28 @@ class TargetService:
                 fingerprint=fingerprint,
                 response=answer,
                 observation=images if watched else None,
+                observed_labels=labels,
+                screening=screening,
             )
             if watched and charge.entry_id is not None:
-                self._observe(client.client_id, name, images, logits, charge.entry_id)
+                self._observe(client.client_id, name, images, labels, charge.entry_id)
+            if screening is not None and charge.entry_id is not None:
+                try:  # the screening is in the table: a restart replays it
+                    self.screening.observe(client.client_id, name, charge.entry_id, screening)
+                except Exception:
+                    logger.exception(
+                        "input screening failed on client %s, model %s", client.client_id, name
+                    )
         if not charge.replayed:
             self.metrics.queries.labels(name).inc(len(images))
             self.metrics.requests.labels(name).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - started)
         return charge.response
+
+    def is_blocked(self, client_id: str, name: str) -> bool:
+        return self.detection.is_blocked(client_id, name) or self.screening.is_blocked(
+            client_id, name
+        )
 
     def _refuse_if_blocked(self, client_id: str, name: str) -> None:
         if self.detection.is_blocked(client_id, name):
@@ -144,15 +172,21 @@ class TargetService:
                 f"this client is blocked on {name}: a model-stealing detector raised an alarm",
                 code="blocked",
             )
+        if self.screening.is_blocked(client_id, name):
+            raise Forbidden(
+                f"this client is blocked on {name}: too many of its images were rejected as "
+                "adversarial by the input defence",
+                code="blocked",
+            )
 
     def _observe(
-        self, client_id: str, name: str, images: np.ndarray, logits: torch.Tensor, entry_id: int
+        self, client_id: str, name: str, images: np.ndarray, labels: list[int], entry_id: int
     ) -> None:
         """Detectors see the charged request. The hub records a failing detector itself; this
         guard is for the machinery around them (the store, snapshots): such a failure never
         loses the answer, as the query is in the log and a restart replays it."""
         try:
-            self.detection.observe(client_id, name, images, logits.argmax(dim=1).tolist(), entry_id)
+            self.detection.observe(client_id, name, images, labels, entry_id)
         except Exception:
             logger.exception("detectors failed on client %s, model %s", client_id, name)
 

@@ -12,6 +12,7 @@ from defenses.base import DetectorError, check_setting_names
 from defenses.calibration import QUICK_CLIENTS
 from defenses.output_policies import parse_policy
 from mlcore.wire import echo
+from target_service.screening import InputDefenseSpec
 
 MIN_ADMIN_TOKEN_CHARS = 16
 DEFAULT_MODELS = ["lenet5-mnist", "c3f2-mnist", "dnn5-mnist"]
@@ -64,6 +65,12 @@ class Settings(BaseSettings):
     alarm_policies: dict[str, Literal["log", "block"]] = Field(
         default_factory=dict,
         description="Per-model alarm policy: 'log' (default) or 'block' (403).",
+    )
+    input_defenses: dict[str, InputDefenseSpec] = Field(
+        default_factory=dict,
+        description="Per-model input defence, e.g. {'lenet5-mnist': {'kind': 'kl-sanitized', "
+        "'mode': 'framework', 'method': 'self', 'threshold': 0.9999999, 'pass_rate': 0.98}} "
+        "(target_service.screening).",
     )
     snapshot_every: int = Field(
         default=1000, ge=1, description="Detector snapshot period (queries)."
@@ -124,6 +131,7 @@ class Settings(BaseSettings):
         for variable, per_model in (
             ("TARGET_DETECTORS", self.detectors),
             ("TARGET_ALARM_POLICIES", self.alarm_policies),
+            ("TARGET_INPUT_DEFENSES", self.input_defenses),
         ):
             for model in per_model:
                 if model not in self.models:
@@ -150,7 +158,12 @@ def describe_settings_error(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
         field_name = str(error["loc"][0]) if error["loc"] else ""
-        where = ("TARGET_" + ".".join(map(str, error["loc"])).upper()) if field_name else "settings"
+        # the variable upper-case, the keys inside it as written (a model name, a setting)
+        where = (
+            ".".join(["TARGET_" + field_name.upper(), *map(str, error["loc"][1:])])
+            if field_name
+            else "settings"
+        )
         # a model-level error's input is every setting, the token included
         hidden = not field_name or field_name in _SECRET_FIELDS
         shown = "" if hidden else f" (got {echo(error.get('input'))})"

@@ -87,6 +87,17 @@ CREATE TABLE IF NOT EXISTS alarms (
     created_at  REAL NOT NULL,
     PRIMARY KEY (client_id, model, detector)
 );
+CREATE TABLE IF NOT EXISTS input_screening (
+    entry_id    INTEGER PRIMARY KEY REFERENCES ledger(entry_id),
+    client_id   TEXT NOT NULL,
+    model       TEXT NOT NULL,
+    images      INTEGER NOT NULL,
+    flagged     INTEGER NOT NULL,
+    rejected    INTEGER NOT NULL,
+    scores      TEXT NOT NULL,
+    flags       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS input_screening_stream ON input_screening(client_id, model, entry_id);
 CREATE TABLE IF NOT EXISTS detector_errors (
     client_id   TEXT NOT NULL,
     model       TEXT NOT NULL,
@@ -187,6 +198,16 @@ class Client:
     @property
     def remaining(self) -> int:
         return self.budget - self.used
+
+
+@dataclass(frozen=True)
+class Screening:
+    """What a model's input defence said about one charged request: each image's score (e.g.
+    KL divergence), whether it was flagged, and how many images it rejected (unanswered)."""
+
+    scores: list[float]
+    flags: list[bool]
+    rejected: int
 
 
 @dataclass(frozen=True)
@@ -315,12 +336,16 @@ class StateStore:
         fingerprint: str,
         response: dict[str, Any],
         observation: np.ndarray | None = None,
+        observed_labels: list[int] | None = None,
+        screening: Screening | None = None,
     ) -> Charge:
         """Atomically charge ``images`` queries and record the answer, or raise BudgetExhausted.
 
         ``response`` gets ``charged`` / ``queries_used`` / ``queries_remaining`` filled in from
         the charge (a replay of it says ``charged: 0``).
-        ``observation`` (the request's images) goes into the query log with the answered labels.
+        ``observation`` (the request's images) goes into the query log with ``observed_labels``
+        (default: the answered labels; an input defence that withholds some passes the labels
+        its model computed). ``screening`` goes into ``input_screening``.
         """
         now = time.time()
         with self._lock:
@@ -368,7 +393,23 @@ class StateStore:
                             observation.dtype.str,
                             json.dumps(observation.shape),
                             np.ascontiguousarray(observation).tobytes(),
-                            json.dumps(response["labels"]),
+                            json.dumps(
+                                response["labels"] if observed_labels is None else observed_labels
+                            ),
+                        ),
+                    )
+                if screening is not None:
+                    self._db.execute(
+                        "INSERT INTO input_screening VALUES (?,?,?,?,?,?,?,?)",
+                        (
+                            entry_id,
+                            client_id,
+                            model,
+                            images,
+                            sum(screening.flags),
+                            screening.rejected,
+                            json.dumps(screening.scores),
+                            json.dumps(screening.flags),
                         ),
                     )
                 if request_id is not None:
@@ -408,6 +449,22 @@ class StateStore:
                 json.loads(row["shape"])
             )
             yield row["entry_id"], images, json.loads(row["labels"])
+
+    def screening_log(
+        self, client_id: str, model: str, *, after: int = 0
+    ) -> Iterator[tuple[int, Screening]]:
+        """(entry_id, screening) of one stream's charged requests after ``after``, in order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT entry_id, rejected, scores, flags FROM input_screening"
+                " WHERE client_id = ? AND model = ? AND entry_id > ? ORDER BY entry_id",
+                (client_id, model, after),
+            ).fetchall()
+        for row in rows:
+            yield (
+                row["entry_id"],
+                Screening(json.loads(row["scores"]), json.loads(row["flags"]), row["rejected"]),
+            )
 
     def record_alarm(
         self,

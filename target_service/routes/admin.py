@@ -69,6 +69,28 @@ class DetectorView(BaseModel):
     max_stored: int | None = Field(None, description="PRADA: the cap on ``stored``.")
 
 
+class InputDefenseView(BaseModel):
+    """One client's stream through a model's input defence (``TARGET_INPUT_DEFENSES``)."""
+
+    kind: str
+    mode: Literal["log", "sanitized", "framework"]
+    images: int = Field(description="Images screened (charged) so far.")
+    flagged: int = Field(description="Images whose score was over the threshold.")
+    rejected: int = Field(
+        description="Images refused (label null): the flagged ones in framework mode, else 0."
+    )
+    recent_images: int = Field(description="Images in the alarm window (at most alarm_window).")
+    recent_flagged: int = Field(description="Flagged images among them.")
+    statistic: float = Field(description="recent_flagged / alarm_window.")
+    threshold: float = Field(description="The alarm fires when statistic reaches this share.")
+    alarm_window: int
+    first_alarm_at: int | None = Field(description="1-based image index of the alarm.")
+    score: str = Field(description="The per-image score, e.g. kl: KL(parent || sanitised).")
+    score_threshold: float = Field(description="An image is flagged when its score is above this.")
+    recent_score_mean: float | None = Field(description="Mean score over the alarm window.")
+    recent_score_max: float | None = Field(description="Highest score over the alarm window.")
+
+
 class TrainingLedgerEntry(BaseModel):
     """A job's reservation of image-epochs (positive) or a refund of what it did not run."""
 
@@ -84,6 +106,9 @@ class ClientDefenceView(ClientView):
 
     detectors: dict[str, DetectorView]
     detectors_by_model: dict[str, dict[str, DetectorView]]
+    input_defenses: dict[str, InputDefenseView] = Field(
+        description="Per model this client queried that has an input defence."
+    )
     blocked_on: list[str]
     training_ledger: list[TrainingLedgerEntry]
 
@@ -121,9 +146,8 @@ def _view(client: Client, service: TargetService) -> ClientView:
 
 
 def _defence_view(client: Client, service: TargetService) -> ClientDefenceView:
-    models = [
-        m for m in service.store.models_queried(client.client_id) if service.detection.watches(m)
-    ]
+    queried = service.store.models_queried(client.client_id)
+    models = [m for m in queried if service.detection.watches(m)]
     by_model = {
         model: {
             name: DetectorView(**view)
@@ -135,7 +159,12 @@ def _defence_view(client: Client, service: TargetService) -> ClientDefenceView:
         **_view(client, service).model_dump(),
         detectors=by_model[models[0]] if models else {},
         detectors_by_model=by_model,
-        blocked_on=[m for m in models if service.detection.is_blocked(client.client_id, m)],
+        input_defenses={
+            m: InputDefenseView(**service.screening.view(client.client_id, m))
+            for m in queried
+            if service.screening.screen_for(m) is not None
+        },
+        blocked_on=[m for m in queried if service.is_blocked(client.client_id, m)],
         training_ledger=[
             TrainingLedgerEntry(**{key: entry[key] for key in TrainingLedgerEntry.model_fields})
             for entry in service.store.training_ledger(client.client_id)

@@ -17,7 +17,9 @@ from mlcore.client import (
     NotFound,
     Rejected,
     ServiceClient,
+    ServiceError,
     Unavailable,
+    read_prediction,
 )
 
 
@@ -118,3 +120,52 @@ def test_wait_for_job_follows_until_final() -> None:
     )
     assert job["status"] == "succeeded"
     assert seen_states == ["queued", "running", "running", "succeeded"]
+
+
+# -- reading a predict answer ---------------------------------------------------------------------
+USAGE = {"charged": 3, "queries_used": 3, "queries_remaining": 7}
+
+
+@pytest.mark.parametrize(
+    ("body", "labels", "rejected"),
+    [
+        ({"labels": [1, 2, 3], **USAGE}, [1, 2, 3], []),
+        ({"labels": [1, 2, 3], "top_k": [[1], [2], [3]], **USAGE}, [1, 2, 3], []),
+        ({"labels": [1, None, 3], "rejected": [1], **USAGE}, [1, None, 3], [1]),
+        (
+            {"labels": [None, 2, None], "top_k": [None, [2, 0], None], "rejected": [0, 2], **USAGE},
+            [None, 2, None],
+            [0, 2],
+        ),
+        (
+            {
+                "labels": [None, 2, 0],
+                "probabilities": [None, [0.5, 0.5], [1, 0]],
+                "rejected": [0],
+                **USAGE,
+            },
+            [None, 2, 0],
+            [0],
+        ),
+    ],
+)
+def test_read_prediction_reads_every_answer_shape(
+    body: dict, labels: list, rejected: list[int]
+) -> None:
+    prediction = read_prediction(body)
+    assert prediction.labels == labels and prediction.rejected == rejected
+    assert (prediction.charged, prediction.queries_used, prediction.queries_remaining) == (3, 3, 7)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"labels": [1, None], **USAGE},  # a null label without the rejected list
+        {"labels": [1, 2], "rejected": ["1"], **USAGE},
+        {"labels": [1], "logits": [[0.1]], **USAGE},  # nothing beyond the schema
+        {"labels": [1]},
+    ],
+)
+def test_read_prediction_refuses_what_the_schema_does_not_allow(body: dict) -> None:
+    with pytest.raises(ServiceError, match="does not fit the schema"):
+        read_prediction(body)
