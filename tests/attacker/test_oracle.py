@@ -116,13 +116,13 @@ def test_the_meter_takes_the_servers_charged_figures() -> None:
     first = oracle_for(service)
     first.predict_labels(images(12))
     assert first.meter.report() == {
-        "queries_paid": 12, "queries_replayed": 0, "queries_from_cache": 0
+        "queries_paid": 12, "queries_replayed": 0, "queries_from_cache": 0, "queries_rejected": 0
     }  # fmt: skip
     # A new run without a cache sends the same batches: the server replays them, charged 0.
     again = oracle_for(service)
     again.predict_labels(images(12))
     assert again.meter.report() == {
-        "queries_paid": 0, "queries_replayed": 12, "queries_from_cache": 0
+        "queries_paid": 0, "queries_replayed": 12, "queries_from_cache": 0, "queries_rejected": 0
     }  # fmt: skip
     assert service.used == 12
 
