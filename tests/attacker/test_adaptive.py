@@ -4,7 +4,6 @@ plain PGD's while keeping KL(substitute || twin) far lower. Tiny models, seeded.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +31,7 @@ from mlcore.training import fit, predict_logits, seed_everything
 TWIN_THRESHOLD = 0.99  # a 10-epoch substitute is rarely surer than that on its own images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ agreement; every result lies in [0, 1]; bad parameters are named."""
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,13 +18,7 @@ from mlcore.datasets import load_dataset
 from mlcore.divergences import kl_divergence
 from mlcore.training import accuracy, fit, predict_labels, seed_everything
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _lenet(images: torch.Tensor, labels: torch.Tensor, *, seed: int) -> nn.Module:
@@ -37,7 +31,11 @@ def models() -> tuple[nn.Module, nn.Module]:
     """Two LeNet-5s on disjoint quarters of the embedded target-train split (3 epochs each)."""
     train = load_dataset("mnist-embedded:target-train")
     quarter = [torch.arange(start, len(train), 4) for start in (0, 1)]
-    return tuple(_lenet(train.images[i], train.labels[i], seed=s) for s, i in zip((0, 7), quarter))  # type: ignore[return-value]
+    first, second = (
+        _lenet(train.images[i], train.labels[i], seed=s)
+        for s, i in zip((0, 7), quarter, strict=True)
+    )
+    return first, second
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +67,7 @@ def test_igsm_lowers_accuracy_as_its_iterations_grow(
         accuracies.append((predict_labels(model, adversarial) == y).float().mean().item())
     # Starts at 100% (the seeds are classified correctly); each doubling of the iterations
     # must lower it, and 8 steps (the ball's edge is reached at 6) must leave almost nothing.
-    assert all(later < earlier for earlier, later in zip(accuracies, accuracies[1:])), accuracies
+    assert all(later < earlier for earlier, later in itertools.pairwise(accuracies)), accuracies
     assert accuracies[-1] <= 0.1, accuracies
 
 
