@@ -78,7 +78,6 @@ def make_attack(
     if name == "pgd":
         bound = default_eps(targeted) if eps is None else parse_eps(eps)
         chosen.update(eps=bound, seed=seed)
-        chosen.setdefault("steps", 40)
         attack = PGD(**chosen)
     elif name == "igsm":
         if eps is not None:
