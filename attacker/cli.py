@@ -80,7 +80,6 @@ SeedFraction = Annotated[
 RoundEpochs = Annotated[
     int, typer.Option(min=1, help="Adaptive methods: epochs of the substitute between rounds.")
 ]
-Norm = Annotated[str, typer.Option(help="PGD norm: linf | l2.")]
 SemiSupervised = Annotated[
     bool,
     typer.Option(
@@ -88,7 +87,6 @@ SemiSupervised = Annotated[
         "(FixMatch; --batch-size is then unused). Costs no extra queries."
     ),
 ]
-Steps = Annotated[int, typer.Option(min=1, help="PGD iterations.")]
 
 
 @app.callback()
@@ -664,32 +662,6 @@ def extract(
     console.print(f"substitute -> {output}")
 
 
-def _make_attack(
-    *,
-    targeted: bool,
-    eps: str | None,
-    norm: str,
-    steps: int,
-    step_size: float | None,
-    random_start: bool,
-    early_stop: bool,
-    seed: int,
-):
-    """The PGD attack the options describe; raises ValueError naming a bad value."""
-    from attacker.transfer import PGD, default_eps, parse_eps
-
-    bound = default_eps(targeted) if eps is None else parse_eps(eps)
-    return PGD(
-        norm=norm,
-        eps=bound,
-        steps=steps,
-        step_size=step_size,
-        random_start=random_start,
-        early_stop=early_stop,
-        seed=seed,
-    )
-
-
 def _transfer_step(
     *,
     url: str,
@@ -705,9 +677,11 @@ def _transfer_step(
     cache: Path,
     shared_cache: Path | None,
     send_all: bool = False,
+    adaptive: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Craft on the substitute, send what fools it (or everything) to the target; returns the
-    summary."""
+    summary. ``adaptive`` (the substitute's checkpoint, pool, selection and twin settings) runs
+    the adaptive attack instead (``attacker.adaptive``)."""
     from attacker.transfer import transfer_attack
 
     with (
@@ -721,19 +695,17 @@ def _transfer_step(
                 tasks[stage] = progress.add_task(stage, total=total)
             progress.update(tasks[stage], completed=done, total=total)
 
-        result = transfer_attack(
-            oracle,
-            substitute,
-            seed_set,
-            attack=attack,
-            targeted=targeted,
-            seeds=seeds,
-            seed=seed,
-            noise_baseline=noise_baseline,
-            send_all=send_all,
-            progress=on_progress,
-        )
-    summary = result.summary()
+        step: dict[str, Any] = dict(
+            targeted=targeted, seeds=seeds, seed=seed, noise_baseline=noise_baseline,
+            send_all=send_all, progress=on_progress,
+        )  # fmt: skip
+        if adaptive is not None:
+            from attacker.adaptive import adaptive_step
+
+            summary = adaptive_step(oracle, seed_set, attack=attack, **adaptive, **step)
+        else:
+            result = transfer_attack(oracle, substitute, seed_set, attack=attack, **step)
+            summary = result.summary()
     summary.update(
         url=url, model=model, shared_cache=None if shared_cache is None else str(shared_cache)
     )
@@ -746,14 +718,15 @@ def _print_transfer(summary: dict[str, Any]) -> None:
 
     mode = "targeted" if summary["targeted"] else "untargeted"
     table = Table(
-        "attack", "crafted", "fooled substitute", "sent", "fooled target", "transferability",
-        "noise baseline", "queries (examples + noise)",
+        "attack", "crafted", "fooled substitute", "sent", "rejected", "fooled target",
+        "transferability", "noise baseline", "queries (examples + noise)",
     )  # fmt: skip
     table.add_row(
-        f"{mode} PGD {summary['norm']} eps {summary['eps']:.3g}",
+        f"{mode} {summary['attack_description']}",
         str(summary["crafted"]),
         str(summary["fooled_substitute"]),
         str(summary["sent"]),
+        str(summary["rejected"]),
         str(summary["fooled_target"]),
         pct(summary["transferability"]),
         pct(summary["noise_baseline"]),
@@ -802,15 +775,65 @@ def transfer(
             "(default 0.5 targeted, 0.3 untargeted, as the paper)."
         ),
     ] = None,
-    norm: Norm = "linf",
-    steps: Steps = 40,
-    step_size: Annotated[
-        float | None, typer.Option(help="PGD step (default 2.5 * eps / steps).")
+    attack_name: Annotated[
+        str,
+        typer.Option(
+            "--attack",
+            help="pgd (Madry et al.), igsm (untargeted iterative FGSM, as 'Less is More') or cw "
+            "(Carlini-Wagner L2).",
+        ),
+    ] = "pgd",
+    norm: Annotated[str | None, typer.Option(help="PGD norm: linf (default) | l2.")] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Iterations (default: PGD 40, IGSM 10, C&W 1000 Adam steps per round)."),
     ] = None,
-    random_start: Annotated[bool, typer.Option(help="Start PGD at a random point.")] = True,
+    step_size: Annotated[
+        float | None,
+        typer.Option(help="PGD / IGSM step (default PGD 2.5 * eps / steps, IGSM 0.05)."),
+    ] = None,
+    random_start: Annotated[
+        bool | None, typer.Option(help="PGD: start at a random point (default on).")
+    ] = None,
     early_stop: Annotated[
-        bool, typer.Option(help="Stop moving an example once it fools the substitute.")
+        bool | None,
+        typer.Option(
+            help="PGD: stop moving an example once it fools the substitute (default off)."
+        ),
+    ] = None,
+    kappa: Annotated[float | None, typer.Option(help="C&W: confidence margin (default 0).")] = None,
+    binary_search_steps: Annotated[
+        int | None, typer.Option(help="C&W: rounds of the search over c (default 9).")
+    ] = None,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="C&W: Adam learning rate (default 0.01).")
+    ] = None,
+    initial_const: Annotated[
+        float | None, typer.Option(help="C&W: first c (default 0.001).")
+    ] = None,
+    adaptive: Annotated[
+        bool,
+        typer.Option(
+            help="Adaptive attack on a KL-sanitised target: build a self-sanitised twin of the "
+            "substitute from its bought labels (--selection) and craft PGD examples that keep "
+            "KL(substitute || twin) low."
+        ),
     ] = False,
+    selection_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--selection",
+            help="Adaptive: the selection the substitute was extracted from; its labels are "
+            "bought again (free from the answer cache of the same account).",
+        ),
+    ] = None,
+    twin_threshold: Annotated[
+        float, typer.Option(help="Adaptive: self-sanitisation threshold of the twin.")
+    ] = 0.9999999,
+    twin_epochs: Annotated[int, typer.Option(min=1, help="Adaptive: twin training epochs.")] = 30,
+    kl_weight: Annotated[
+        float, typer.Option(help="Adaptive: weight of KL(substitute || twin) in PGD's objective.")
+    ] = 1.0,
     seeds: Annotated[
         int, typer.Option(min=1, help="Seed images (the substitute classifies them correctly).")
     ] = 500,
@@ -840,23 +863,50 @@ def transfer(
         Path, typer.Option(help="Where transfer.json / transfer.md / plots go.")
     ] = Path("reports"),
 ) -> None:
-    """Craft PGD examples on the substitute and send those that fool it to the target."""
+    """Craft adversarial examples on the substitute (PGD, IGSM or C&W L2; --adaptive against a
+    KL-sanitised target) and send those that fool it to the target. Every option is checked
+    before anything is bought."""
     from attacker.oracle import OracleError
-    from attacker.transfer import write_transfer_report
+    from attacker.selection import Selection
+    from attacker.transfer import make_attack, write_transfer_report
     from mlcore.checkpoints import CheckpointError, load_checkpoint
     from mlcore.datasets import load_dataset
 
     try:
-        attack = _make_attack(
-            targeted=targeted, eps=eps, norm=norm, steps=steps, step_size=step_size,
-            random_start=random_start, early_stop=early_stop, seed=seed,
+        attack = make_attack(
+            attack_name, targeted=targeted, eps=eps, norm=norm, steps=steps, step_size=step_size,
+            random_start=random_start, early_stop=early_stop, seed=seed, kappa=kappa,
+            binary_search_steps=binary_search_steps, learning_rate=learning_rate,
+            initial_const=initial_const,
         )  # fmt: skip
+        if adaptive:
+            if attack_name != "pgd":
+                raise ValueError(
+                    f"--adaptive extends PGD; it does not run with --attack {attack_name}"
+                )
+            if selection_path is None:
+                raise ValueError("--adaptive needs --selection (the substitute's bought images)")
+            if not 0.0 < twin_threshold < 1.0:
+                raise ValueError(f"--twin-threshold must be in (0, 1), got {twin_threshold}")
+            if not kl_weight > 0:
+                raise ValueError(f"--kl-weight must be > 0, got {kl_weight}")
+        elif selection_path is not None:
+            raise ValueError("--selection is used only with --adaptive")
         checkpoint = load_checkpoint(substitute)
         seed_set = load_dataset(test, data_root=data_root)
+        twin_plan = None
+        if selection_path is not None:
+            chosen = Selection.load(selection_path)
+            twin_plan = dict(
+                checkpoint=checkpoint, pool=load_dataset(chosen.pool, data_root=data_root),
+                indices=chosen.indices, twin_threshold=twin_threshold, twin_epochs=twin_epochs,
+                kl_weight=kl_weight,
+            )  # fmt: skip
         summary = _transfer_step(
             url=url, api_key=api_key, model=model, substitute=checkpoint.model, seed_set=seed_set,
             attack=attack, targeted=targeted, seeds=seeds, seed=seed,
             noise_baseline=noise_baseline, cache=cache, shared_cache=shared_cache, send_all=send_all,
+            adaptive=twin_plan,
         )  # fmt: skip
     except (OracleError, CheckpointError, ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from None
@@ -927,7 +977,7 @@ def run(
     from attacker.oracle import OracleError
     from attacker.report import write_report
     from attacker.selection.online import is_online
-    from attacker.transfer import attach_to_run_report
+    from attacker.transfer import attach_to_run_report, make_attack
     from mlcore.checkpoints import save_checkpoint
     from mlcore.datasets import load_dataset
 
@@ -942,10 +992,9 @@ def run(
             if eval_api_key == api_key:
                 raise ValueError("--eval-api-key must differ from --api-key (evaluation would "
                                  "spend the attack's budget and show in its query stream)")  # fmt: skip
-        attack = _make_attack(
-            targeted=transfer_targeted, eps=transfer_eps, norm=transfer_norm, steps=40,
-            step_size=None, random_start=True, early_stop=False, seed=seed,
-        )  # fmt: skip
+        attack = make_attack(
+            "pgd", targeted=transfer_targeted, eps=transfer_eps, norm=transfer_norm, seed=seed
+        )
         if data_root is not None and not data_root.is_dir():
             raise ValueError(f"--data-root {str(data_root)!r} is not a folder")
         pool_set = load_dataset(pool, data_root=data_root)

@@ -4,7 +4,11 @@
 checkpoint, for experiments without a server. Each keeps a ``Meter`` of what its answers cost,
 taken from the server's own ``charged`` figures. ``buy`` is the one way every attack buys labels:
 it never loses a label bought, spends what is left of the budget after a 402 and says what
-stopped it. Errors form one hierarchy:
+stopped it.
+
+Labels are int64 class indices, or one of two sentinels: ``NOT_BOUGHT`` (-1, no answer: a 402
+or 403 came first) and ``REJECTED`` (-2: the target's input defence refused the image, which it
+still charged; the wire's ``null`` label). Only labels >= 0 are answers. Errors form one hierarchy:
 
     OracleError
     ├── BudgetExhausted    402: the budget cannot pay for the next batch (labels so far kept)
@@ -38,6 +42,9 @@ from mlcore.training import predict_labels, predict_logits
 
 logger = logging.getLogger(__name__)
 
+NOT_BOUGHT = -1  # no answer for this image (never asked, or a 402 / 403 came first)
+REJECTED = -2  # the target refused this image (an input defence) and charged it: no label
+
 
 class OracleError(Exception):
     """Base of every oracle failure."""
@@ -46,7 +53,8 @@ class OracleError(Exception):
 class BudgetExhausted(OracleError):
     """The service refused a batch for lack of budget.
 
-    ``labels`` has one entry per requested image: the label bought (or cached), -1 where none was.
+    ``labels`` has one entry per requested image: the label bought (or cached), ``REJECTED``
+    where the target refused the image, ``NOT_BOUGHT`` where nothing was bought.
     """
 
     def __init__(self, message: str, labels: np.ndarray) -> None:
@@ -90,24 +98,28 @@ class Meter:
     """What an oracle's answers cost. Only ``paid`` spent budget: it is the sum of the server's
     own ``charged`` figures. ``replayed``: images answered from a stored answer to a repeated
     ``request_id`` (the server charged 0); ``from_cache``: labels read from the local answer
-    cache, never asked for."""
+    cache, never asked for. ``rejected``: answers (of any of the three) that were a refusal of
+    the target's input defence instead of a label."""
 
     paid: int = 0
     replayed: int = 0
     from_cache: int = 0
+    rejected: int = 0
 
     def report(self, since: Meter | None = None) -> dict[str, int]:
-        """The report fields ``queries_paid``, ``queries_replayed``, ``queries_from_cache``,
-        counted from the ``since`` snapshot (a copy taken earlier) when one is given."""
+        """The report fields ``queries_paid``, ``queries_replayed``, ``queries_from_cache`` and
+        ``queries_rejected``, counted from the ``since`` snapshot (a copy taken earlier) when one
+        is given."""
         start = since or Meter()
         return {
             "queries_paid": self.paid - start.paid,
             "queries_replayed": self.replayed - start.replayed,
             "queries_from_cache": self.from_cache - start.from_cache,
+            "queries_rejected": self.rejected - start.rejected,
         }
 
     def snapshot(self) -> Meter:
-        return Meter(self.paid, self.replayed, self.from_cache)
+        return Meter(self.paid, self.replayed, self.from_cache, self.rejected)
 
 
 class LabelOracle(Protocol):
@@ -115,7 +127,7 @@ class LabelOracle(Protocol):
     queries_remaining: int | None  # the service's last word on the budget left, if any
 
     def predict_labels(self, images: np.ndarray) -> np.ndarray:
-        """uint8 images (n, C, H, W) -> int64 labels (n,)."""
+        """uint8 images (n, C, H, W) -> int64 labels (n,), ``REJECTED`` where refused."""
         ...
 
 
@@ -257,24 +269,25 @@ class HttpOracle:
 
     def predict_labels(self, images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(images)
-        labels = np.full(len(images), -1, dtype=np.int64)
+        labels = np.full(len(images), NOT_BOUGHT, dtype=np.int64)
         missing = np.arange(len(images))
-        if self._cache is not None:
+        if self._cache is not None:  # refusals are cached too: asking again would pay again
             keys = [self._cache.key(image) for image in images]
             cached = self._cache.get_many(keys)
             for i, key in enumerate(keys):
                 if key in cached:
                     labels[i] = cached[key]
-            missing = np.flatnonzero(labels < 0)
+            missing = np.flatnonzero(labels == NOT_BOUGHT)
             self.meter.from_cache += len(images) - len(missing)
+            self.meter.rejected += int((labels == REJECTED).sum())
             if self._on_batch is not None and len(missing) < len(images):
                 self._on_batch(len(images) - len(missing))
         for start in range(0, len(missing), self.batch_size):
             batch = missing[start : start + self.batch_size]
             try:
-                answer = self._labels(self._buy(images[batch]))
+                _, answer = self._buy(images[batch])
             except (BudgetExhausted, Blocked) as exc:
-                exc.labels = labels  # what was bought (or cached) so far; -1 where nothing was
+                exc.labels = labels  # what was bought (or cached) so far; NOT_BOUGHT elsewhere
                 raise
             labels[batch] = answer
             if self._cache is not None:
@@ -294,8 +307,7 @@ class HttpOracle:
                 raise OracleUnavailable(f"cannot list the models: {exc}") from None
             if self.model not in cards:
                 raise OracleRejected(
-                    f"no model named {self.model!r} for this key; the service lists "
-                    f"{sorted(cards)}"
+                    f"no model named {self.model!r} for this key; the service lists {sorted(cards)}"
                 )
             self._policy = str(cards[self.model]["output_policy"])
         return self._policy
@@ -316,7 +328,7 @@ class HttpOracle:
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size]
             try:
-                payload = self._buy(batch)
+                payload, _ = self._buy(batch)
             except (BudgetExhausted, Blocked) as exc:
                 exc.labels = np.full(len(images), -1, dtype=np.int64)
                 raise
@@ -330,7 +342,8 @@ class HttpOracle:
                 self._on_batch(len(batch))
         return np.concatenate(rows) if rows else np.empty((0, 0), dtype=np.float64)
 
-    def _buy(self, batch: np.ndarray) -> dict:
+    def _buy(self, batch: np.ndarray) -> tuple[dict, np.ndarray]:
+        """One metered request: the service's answer and its decoded labels."""
         request_id = hashlib.sha256(
             f"{self._nonce}{self.model}|{batch.shape}".encode() + batch.tobytes()
         ).hexdigest()[:40]
@@ -344,24 +357,22 @@ class HttpOracle:
             raise OracleRejected(str(exc)) from None
         except api.Unavailable as exc:
             raise OracleUnavailable(str(exc)) from None
-        self._settle(reply.body, len(batch), retried=reply.attempts > 1)
-        return reply.body
+        return reply.body, self._settle(reply.body, len(batch), retried=reply.attempts > 1)
 
-    @staticmethod
-    def _labels(payload: dict) -> np.ndarray:
-        return np.asarray(payload["labels"], dtype=np.int64)
+    def _settle(self, payload: dict, images: int, *, retried: bool) -> np.ndarray:
+        """Meter a 200 answer with the server's own figures and return its labels (OracleRejected
+        if it lacks them).
 
-    def _settle(self, payload: dict, images: int, *, retried: bool) -> None:
-        """Meter a 200 answer with the server's own figures (OracleRejected if it lacks them).
-
-        ``charged`` is what this request cost. A replay (``charged`` 0) that answers a retry is
+        ``labels`` entries are classes, or ``null`` where the target's input defence refused the
+        image (charged all the same; the answer's ``rejected`` lists those indices): they become
+        ``REJECTED``. ``charged`` is what this request cost. A replay (``charged`` 0) that answers a retry is
         the one case where the charge belongs to an answer we lost: the server charged our
         earlier attempt. Its ``queries_used`` (the meter right after that charge) tells: above
         the last figure this oracle saw, the charge happened during this run, so it is paid;
         otherwise an earlier run paid it and it is a replay.
         """
         try:
-            charged, used, _labels = (
+            charged, used, labels = (
                 int(payload["charged"]),
                 int(payload["queries_used"]),
                 payload["labels"],
@@ -371,6 +382,7 @@ class HttpOracle:
                 "the service's answer lacks the charged / queries_used / labels figures: "
                 f"{str(payload)[:200]}"
             ) from None
+        labels = _decode_labels(labels, payload.get("rejected"), images)
         lost_answer = (
             charged == 0 and retried and (self._last_used is None or used > self._last_used)
         )
@@ -378,14 +390,40 @@ class HttpOracle:
             charged = images
         self.meter.paid += charged
         self.meter.replayed += images - charged
+        self.meter.rejected += int((labels == REJECTED).sum())
         if charged:
             self._last_used = max(used, self._last_used or 0)
             self.queries_remaining = payload.get("queries_remaining")
+        return labels
+
+
+def _decode_labels(labels: object, rejected: object, images: int) -> np.ndarray:
+    """The wire's ``labels`` (ints, ``null`` for a refused image) and ``rejected`` (indices of
+    the refused images; absent or [] when none was) -> int64 with ``REJECTED``; the two must
+    agree, else the answer is not one we understand."""
+    if not isinstance(labels, list) or len(labels) != images:
+        raise OracleRejected(
+            f"the service's answer has no list of {images} labels: {labels!r:.200}"
+        )
+    if not all(
+        label is None or (isinstance(label, int) and not isinstance(label, bool) and label >= 0)
+        for label in labels
+    ):
+        raise OracleRejected(f"the service's labels must be classes >= 0 or null: {labels!r:.200}")
+    refused = {i for i, label in enumerate(labels) if label is None}
+    listed = rejected or []
+    if not isinstance(listed, list) or set(listed) != refused or len(set(listed)) != len(listed):
+        raise OracleRejected(
+            f"the service's rejected indices {listed!r:.200} do not match its null labels "
+            f"(at {sorted(refused)!r:.200})"
+        )
+    return np.array([REJECTED if label is None else label for label in labels], dtype=np.int64)
 
 
 @dataclass
 class Purchase:
-    """What ``buy`` got: one label per image (-1 where none was bought) and what stopped it."""
+    """What ``buy`` got: one label per image (``REJECTED`` where the target refused it,
+    ``NOT_BOUGHT`` where nothing was bought) and what stopped it."""
 
     labels: np.ndarray
     stopped_by: Literal["budget", "blocked"] | None = None
@@ -393,7 +431,13 @@ class Purchase:
 
     @property
     def bought(self) -> np.ndarray:
+        """Images with a label to train on (paid and answered)."""
         return self.labels >= 0
+
+    @property
+    def rejected(self) -> np.ndarray:
+        """Images the target refused (paid, no label)."""
+        return self.labels == REJECTED
 
 
 def buy(oracle: LabelOracle, images: np.ndarray) -> Purchase:
@@ -409,17 +453,21 @@ def buy(oracle: LabelOracle, images: np.ndarray) -> Purchase:
         "budget" if isinstance(problem, BudgetExhausted) else "blocked"
     )
     logger.warning(
-        "%s: stopped with %d of %d labels", problem, int((labels >= 0).sum()), len(images)
+        "%s: stopped with %d of %d images paid for",
+        problem,
+        int((labels != NOT_BOUGHT).sum()),
+        len(images),
     )
     return Purchase(labels, stopped_by, str(problem))
 
 
 def _ask(oracle: LabelOracle, images: np.ndarray) -> tuple[np.ndarray, OracleError | None]:
-    """Labels for ``images`` (-1 where none was bought) and the 402/403 that stopped it, if any."""
+    """Labels for ``images`` (``NOT_BOUGHT`` where none was bought) and the 402/403 that
+    stopped it, if any."""
     try:
         return np.asarray(oracle.predict_labels(images), dtype=np.int64), None
     except (BudgetExhausted, Blocked) as exc:
-        labels = np.full(len(images), -1, dtype=np.int64)
+        labels = np.full(len(images), NOT_BOUGHT, dtype=np.int64)
         got = np.asarray(exc.labels, dtype=np.int64)[: len(images)]
         labels[: len(got)] = got
         return labels, exc
@@ -431,7 +479,7 @@ def _spend_the_rest(
     """After a 402 on ``images``, buy labels (in place) for as many of them, first ones first,
     as the budget still pays for. The service refuses a whole batch it cannot pay for and a
     refusal costs nothing, so: ask for what the oracle says is left, or halve until one fits."""
-    todo = np.flatnonzero(labels < 0)
+    todo = np.flatnonzero(labels == NOT_BOUGHT)
     size = len(todo) // 2
     while len(todo) and size >= 1:
         left = oracle.queries_remaining
@@ -440,7 +488,7 @@ def _spend_the_rest(
                 break
             size = min(size, left)
         labels[todo[:size]], problem = _ask(oracle, images[todo[:size]])
-        todo = np.flatnonzero(labels < 0)
+        todo = np.flatnonzero(labels == NOT_BOUGHT)
         if isinstance(problem, Blocked):
             return problem
         if problem is not None:

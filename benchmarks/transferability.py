@@ -52,8 +52,9 @@ sys.path.insert(0, str(ROOT))
 from attacker.extraction import train_substitute  # noqa: E402
 from attacker.oracle import LocalOracle  # noqa: E402
 from attacker.selection import make_selector  # noqa: E402
-from attacker.transfer import PGD, transfer_attack  # noqa: E402
+from attacker.transfer import transfer_attack  # noqa: E402
 from attacker.transfer.report import plot_confusion  # noqa: E402
+from mlcore.adversarial import PGD  # noqa: E402
 from mlcore.checkpoints import load_checkpoint  # noqa: E402
 from mlcore.datasets import load_dataset  # noqa: E402
 from mlcore.training import accuracy  # noqa: E402

@@ -6,6 +6,9 @@
   subprocess on a free port with its own state directory (settings as keyword arguments, e.g.
   ``start(rate_limit=2, max_batch=50)``); every server it started is stopped at the test's end.
 - ``admin_create_client(server, name, budget) -> (client_id, api_key)``.
+- ``one_torch_thread``: torch on one thread for a module (``pytestmark =
+  pytest.mark.usefixtures("one_torch_thread")``): small batches on a shared 2-core machine run
+  several times faster on one thread.
 
 The helpers live in ``target_service.testing`` so benchmarks use the same code.
 """
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from target_service.testing import LiveServer, admin_create_client
 
@@ -77,3 +81,11 @@ def module_server_factory(
         yield factory
     finally:
         factory.close()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,14 +5,16 @@ The procedure, as the paper runs it:
 
 1. Seeds: ``n`` images of the test set that the *substitute* classifies correctly, chosen at
    random (seeded). The attacker never pays to check what the target says about them.
-2. Crafting: PGD on the substitute. Targeted: one example per other class for each seed (9 on
-   MNIST); untargeted: one example per seed. The wire carries 8-bit images, so each example is
+2. Crafting: an attack of ``mlcore.adversarial`` (PGD; IGSM; C&W L2) on the substitute.
+   Targeted: one example per other class for each seed (9 on MNIST); untargeted: one per seed. The wire carries 8-bit images, so each example is
    quantised to uint8 by rounding its perturbation towards zero (it can only shrink, so the
    example stays inside the eps-ball) and judged on the substitute *after* quantisation.
 3. Only the examples that fool the substitute are sent to the target; each costs one query.
    Success on the target: it says the target class (targeted) or anything but the seed's true
    label (untargeted). ``transferability`` = successes / examples sent: a *conditional* rate
-   (seeds the substitute gets right, examples that fool it).
+   (seeds the substitute gets right, examples that fool it). A target with an input defence may
+   refuse an example (``REJECTED``: charged, no label): it counts as sent and not successful, and
+   ``rejected`` counts them; ``transferability_answered`` is the rate among the answered ones.
 
 ``send_all=True`` is the paper's own protocol (Section 5.3: examples crafted from N random test
 images, success counted over all of them): seeds are random test images, *every* crafted
@@ -42,8 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacker.oracle import LabelOracle, Purchase, buy
-from attacker.transfer.pgd import PGD
+from attacker.oracle import NOT_BOUGHT, REJECTED, LabelOracle, Purchase, buy
+from mlcore.adversarial import Attack
 from mlcore.datasets import ImageDataset
 from mlcore.training import predict_labels
 
@@ -164,7 +166,7 @@ def _tasks(labels: np.ndarray, num_classes: int, targeted: bool) -> tuple[np.nda
 
 
 def craft(
-    attack: PGD,
+    attack: Attack,
     substitute: nn.Module,
     images: np.ndarray,
     labels: np.ndarray,
@@ -209,7 +211,7 @@ def _send(
 ) -> Purchase:
     """Buy labels chunk by chunk (so progress shows); stop at the first chunk a 402 or 403
     stopped (``buy`` has then spent what was left of the budget)."""
-    labels = np.full(len(images), -1, dtype=np.int64)
+    labels = np.full(len(images), NOT_BOUGHT, dtype=np.int64)
     for start in range(0, len(images), chunk):
         stop = min(start + chunk, len(images))
         purchase = buy(oracle, images[start:stop])
@@ -225,7 +227,7 @@ def _send(
 class TransferResult:
     """Everything one transfer step measured; ``summary()`` is the JSON of ``transfer.json``."""
 
-    attack: PGD
+    attack: Attack
     targeted: bool
     seed_set: str
     seed: int  # of the seed draw
@@ -235,10 +237,10 @@ class TransferResult:
     crafted: Crafted
     seed_correct: np.ndarray  # bool per seed: the substitute classifies it correctly
     sent_index: np.ndarray  # rows of ``crafted`` sent (those that fooled it, or all: send_all)
-    target_labels: np.ndarray  # the target's label per sent row; -1 if never answered
+    target_labels: np.ndarray  # the target's label per sent row; NOT_BOUGHT / REJECTED
     success: np.ndarray  # bool per sent row
     send_all: bool = False
-    noise_labels: np.ndarray | None = None  # per sent row; -1 if not answered
+    noise_labels: np.ndarray | None = None  # per sent row; NOT_BOUGHT / REJECTED
     noise_success: np.ndarray | None = None
     noise_images: np.ndarray | None = None
     stopped_by: str | None = None  # "budget" | "blocked"
@@ -247,12 +249,23 @@ class TransferResult:
     queries: dict[str, int] = field(default_factory=dict)
 
     @property
+    def received(self) -> np.ndarray:
+        """Per sent row: the target got it and charged it (answered or refused)."""
+        return self.target_labels != NOT_BOUGHT
+
+    @property
     def answered(self) -> np.ndarray:
+        """Per sent row: the target answered with a label."""
         return self.target_labels >= 0
 
     @property
+    def rejected(self) -> np.ndarray:
+        """Per sent row: the target's input defence refused it."""
+        return self.target_labels == REJECTED
+
+    @property
     def sent(self) -> int:
-        return int(self.answered.sum())
+        return int(self.received.sum())
 
     @property
     def conditional(self) -> np.ndarray:
@@ -263,18 +276,19 @@ class TransferResult:
 
     @property
     def noise_sent(self) -> int:
-        return 0 if self.noise_labels is None else int((self.noise_labels >= 0).sum())
+        return 0 if self.noise_labels is None else int((self.noise_labels != NOT_BOUGHT).sum())
 
     def summary(self) -> dict[str, Any]:
-        crafted, answered = self.crafted, self.answered
-        rows = self.sent_index[answered]
-        won = self.success[answered]
+        crafted, received = self.crafted, self.received
+        rows = self.sent_index[received]
+        won = self.success[received]
         sent_images = crafted.adversarial[rows]
         seeds = self.seed_images
         linf, l2 = perturbation_norms(seeds[crafted.seed_row[rows]], sent_images)
         all_linf, all_l2 = perturbation_norms(seeds[crafted.seed_row], crafted.adversarial)
         fooled_target = int(won.sum())
-        ours = self.conditional & answered
+        answered, rejected = int(self.answered.sum()), int(self.rejected.sum())
+        ours = self.conditional & received
         ours_won = int((self.success & ours).sum())
         if self.send_all:
             seed_rule = f"random test images (the paper's protocol), drawn with seed {self.seed}"
@@ -284,8 +298,11 @@ class TransferResult:
             )
         summary: dict[str, Any] = {
             "targeted": self.targeted,
+            "attack": self.attack.name,
+            "attack_description": self.attack.describe(),
+            "norm": self.attack.norm,
             **{k: v for k, v in self.attack.params.items() if k != "seed"},
-            "pgd_seed": self.attack.seed,
+            "attack_seed": self.attack.seed,
             "seed": self.seed,
             "seed_set": self.seed_set,
             "seed_rule": seed_rule,
@@ -298,7 +315,11 @@ class TransferResult:
                 int(crafted.fooled_substitute.sum()), len(crafted.seed_row)
             ),
             "sent": self.sent,
+            "answered": answered,
+            "rejected": rejected,
+            "rejected_share": _rate(rejected, self.sent),
             "fooled_target": fooled_target,
+            "transferability_answered": _rate(fooled_target, answered),
             "transferability": _rate(ours_won, int(ours.sum())),
             "conditional_sent": int(ours.sum()),
             "conditional_fooled_target": ours_won,
@@ -316,12 +337,12 @@ class TransferResult:
             "mean_l2": _mean(l2),
             "mean_linf_crafted": _mean(all_linf),
             "mean_l2_crafted": _mean(all_l2),
-            "pgd_seconds": round(crafted.seconds, 3),
+            "craft_seconds": round(crafted.seconds, 3),
             "seconds_per_example": round(crafted.seconds / max(len(crafted.seed_row), 1), 5),
             "curve": _curve(won),
         }
         if self.noise_labels is not None and self.noise_success is not None:
-            probed = self.noise_labels >= 0
+            probed = self.noise_labels != NOT_BOUGHT
             noise_fooled = int(self.noise_success[probed].sum())
             noise_linf, noise_l2 = (
                 perturbation_norms(
@@ -334,6 +355,7 @@ class TransferResult:
             summary.update(
                 noise_baseline=_rate(noise_fooled, self.noise_sent),
                 noise_fooled=noise_fooled,
+                noise_rejected=int((self.noise_labels == REJECTED).sum()),
                 noise_mean_linf=_mean(noise_linf),
                 noise_mean_l2=_mean(noise_l2),
             )
@@ -344,12 +366,14 @@ class TransferResult:
         return summary
 
     def _per_class(self, rows: np.ndarray, won: np.ndarray) -> dict[str, Any]:
-        """Per seed class success, and the two matrices of the paper's Figures 4-5."""
+        """Per seed class success, and the two matrices of the paper's Figures 4-5 (whose
+        counts cover the examples answered: a refused one has no label)."""
         c = self.num_classes
         source, target = self.crafted.source[rows], self.crafted.target[rows]
-        labels = self.target_labels[self.answered]
+        labels = self.target_labels[self.received]
         counts = np.zeros((c, c), dtype=np.int64)  # seed class x target's label (paper style)
-        np.add.at(counts, (source, labels), 1)
+        has_label = labels >= 0
+        np.add.at(counts, (source[has_label], labels[has_label]), 1)
         per_class_sent = np.bincount(source, minlength=c)
         per_class_won = np.bincount(source, weights=won.astype(float), minlength=c)
         out: dict[str, Any] = {
@@ -398,7 +422,7 @@ def transfer_attack(
     substitute: nn.Module,
     dataset: ImageDataset,
     *,
-    attack: PGD,
+    attack: Attack,
     targeted: bool,
     seeds: int,
     seed: int = 0,
@@ -410,8 +434,11 @@ def transfer_attack(
 ) -> TransferResult:
     """The whole transfer step (see the module docstring) against ``oracle``; ``send_all``
     follows the paper's protocol (random seeds, every crafted example sent)."""
-    if not isinstance(attack, PGD):
-        raise ValueError(f"attack must be a PGD instance, got {type(attack).__name__}")
+    if not isinstance(attack, Attack):
+        raise ValueError(
+            f"attack must be an mlcore.adversarial Attack, got {type(attack).__name__}"
+        )
+    attack.check_mode(targeted)
     if query_batch < 1:
         raise ValueError(f"query_batch must be >= 1, got {query_batch}")
     substitute.eval()
@@ -439,7 +466,8 @@ def transfer_attack(
     wanted = crafted.target[sent_index] if targeted else crafted.source[sent_index]
 
     def hit(answer: np.ndarray) -> np.ndarray:
-        """Success per sent row: the wanted class (targeted) or not the seed's (untargeted)."""
+        """Success per sent row: the wanted class (targeted) or not the seed's (untargeted);
+        never an image left unanswered or refused."""
         answered = answer >= 0
         won = answer == wanted if targeted else answer != wanted
         return won & answered
@@ -469,20 +497,20 @@ def transfer_attack(
         stopped_by=sent.stopped_by,
         stop_message=sent.message,
     )
-    answered = np.flatnonzero(sent.labels >= 0)
-    if noise_baseline and sent.stopped_by is None and len(answered):
+    received = np.flatnonzero(sent.labels != NOT_BOUGHT)
+    if noise_baseline and sent.stopped_by is None and len(received):
         noisy = np.zeros_like(crafted.adversarial[sent_index])
-        noisy[answered] = noise_like(
-            images[crafted.seed_row[sent_index[answered]]],
-            crafted.adversarial[sent_index[answered]],
+        noisy[received] = noise_like(
+            images[crafted.seed_row[sent_index[received]]],
+            crafted.adversarial[sent_index[received]],
             norm=attack.norm,
             rng=np.random.default_rng(seed),
         )
         probes = _send(
-            oracle, noisy[answered], chunk=query_batch, stage=STAGES[2], progress=progress
+            oracle, noisy[received], chunk=query_batch, stage=STAGES[2], progress=progress
         )
-        noise_labels = np.full(len(sent_index), -1, dtype=np.int64)
-        noise_labels[answered] = probes.labels
+        noise_labels = np.full(len(sent_index), NOT_BOUGHT, dtype=np.int64)
+        noise_labels[received] = probes.labels
         result.noise_labels, result.noise_success = noise_labels, hit(noise_labels)
         result.noise_images = noisy
         result.stopped_by, result.stop_message = probes.stopped_by, probes.message

@@ -16,6 +16,7 @@ __all__ = ["attach_to_run_report", "transfer_markdown", "write_transfer_report"]
 # Scalars that ``attacker run`` copies into report.json["transfer"] (the rest is in transfer.json).
 RUN_SUMMARY_KEYS = (
     "targeted",
+    "attack",
     "norm",
     "eps",
     "steps",
@@ -23,6 +24,7 @@ RUN_SUMMARY_KEYS = (
     "crafted",
     "fooled_substitute",
     "sent",
+    "rejected",
     "fooled_target",
     "send",
     "transferability",
@@ -33,6 +35,7 @@ RUN_SUMMARY_KEYS = (
     "queries_paid",
     "queries_replayed",
     "queries_from_cache",
+    "queries_rejected",
     "stopped_by",
     "mean_linf",
     "mean_l2",
@@ -60,11 +63,10 @@ def transfer_markdown(summary: dict[str, Any], *, heading: str = "#") -> list[st
     send_all = summary.get("send") == "all"
     sent_what = "every crafted example" if send_all else "the examples that fooled the substitute"
     lines = [
-        f"{heading} Transfer attack: {mode} PGD, {summary['norm']}, eps {summary['eps']:.4g}",
+        f"{heading} Transfer attack: {mode} {summary['attack_description']}",
         "",
         f"{summary['seeds']} seeds from `{summary['seed_set']}` ({summary['seed_rule']}); "
-        f"PGD {summary['steps']} steps of {summary['step_size']:.4g}, random start "
-        f"{'on' if summary['random_start'] else 'off'}. Success on the target: {rule}.",
+        f"{_settings(summary)}. Success on the target: {rule}.",
         "",
         "| figure | value |",
         "|---|---|",
@@ -72,7 +74,10 @@ def transfer_markdown(summary: dict[str, Any], *, heading: str = "#") -> list[st
         f"| fooled the substitute (after 8-bit quantisation) | {summary['fooled_substitute']} "
         f"({_pct(summary['substitute_success'])}) |",
         f"| sent to the target (one query each): {sent_what} | {summary['sent']} |",
-        f"| fooled the target | {summary['fooled_target']} |",
+        f"| refused by the target's input defence (charged, no label) | {summary['rejected']} "
+        f"({_pct(summary['rejected_share'])}) |",
+        f"| got through and fooled the target | {summary['fooled_target']} "
+        f"({_pct(summary['transferability_answered'])} of the {summary['answered']} answered) |",
         f"| **transferability** (ours, conditional: seeds the substitute gets right, examples "
         f"that fool it; {summary['conditional_fooled_target']} of {summary['conditional_sent']}) "
         f"| **{_pct(summary['transferability'])}** |",
@@ -83,13 +88,15 @@ def transfer_markdown(summary: dict[str, Any], *, heading: str = "#") -> list[st
         + (f" of {summary['noise_sent']} probes |" if noise is not None else " (not measured) |"),
         f"| mean perturbation of the examples sent, L-inf / L2 | {_num(summary['mean_linf'])} / "
         f"{_num(summary['mean_l2'])} |",
-        f"| PGD time per example | {summary['seconds_per_example'] * 1000:.1f} ms |",
+        f"| crafting time per example | {summary['seconds_per_example'] * 1000:.1f} ms |",
         f"| queries asked in this step (examples + noise probes) | {summary['queries_asked']} "
         f"({summary['sent']} + {summary['noise_queries']}) |",
         f"| of which charged by the service / replayed uncharged / from the answer cache | "
         f"{summary['queries_paid']} / {summary['queries_replayed']} / "
         f"{summary['queries_from_cache']} |",
     ]
+    if summary.get("adaptive"):
+        lines += ["", *_adaptive_markdown(summary["adaptive"])]
     if summary.get("shared_cache"):
         lines += ["", f"**Shared answer cache** `{summary['shared_cache']}`: labels other "
                   "accounts paid for were reused (a Sybil strategy)."]  # fmt: skip
@@ -114,6 +121,48 @@ def transfer_markdown(summary: dict[str, Any], *, heading: str = "#") -> list[st
         "| success | " + " | ".join(_pct(v) for v in per_class["success"]) + " |",
     ]
     return lines
+
+
+def _settings(summary: dict[str, Any]) -> str:
+    """The attack's parameters in words, e.g. 'PGD 40 steps of 0.03125, random start on'."""
+    name = summary["attack"]
+    if name == "CW-L2":
+        return (
+            f"C&W L2 with kappa {summary['kappa']:g}, {summary['binary_search_steps']} rounds of "
+            f"binary search over c from {summary['initial_const']:g}, up to {summary['steps']} "
+            f"Adam steps of {summary['learning_rate']:g} each"
+        )
+    text = f"{name} {summary['steps']} steps of {summary['step_size']:.4g}"
+    if "random_start" in summary:
+        text += f", random start {'on' if summary['random_start'] else 'off'}"
+    return text
+
+
+def _adaptive_markdown(adaptive: dict[str, Any]) -> list[str]:
+    """The adaptive attacker's twin and the divergence of what it sent."""
+    cost = adaptive.get("twin_queries") or {}
+    return [
+        "**Adaptive attack** (it knows the KL-sanitisation defence): twin self-sanitised at "
+        f"{adaptive['twin_threshold']:g} keeps {adaptive['twin_kept']} of the "
+        f"{adaptive['twin_bought']} bought images ({adaptive['twin_epochs']} epochs"
+        + (
+            f"; its labels cost {cost.get('queries_paid', 0)} paid, "
+            f"{cost.get('queries_from_cache', 0)} from the cache)"
+            if cost
+            else ")"
+        )
+        + f"; PGD objective minus {adaptive['kl_weight']:g} x KL(substitute || twin).",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| mean / median KL(substitute &#124;&#124; twin) of the examples sent | "
+        f"{_num(adaptive['mean_kl_sent'], 5)} / {_num(adaptive['median_kl_sent'], 5)} |",
+        f"| mean KL on {adaptive['normal_images']} normal images | "
+        f"{_num(adaptive['mean_kl_normal'], 5)} |",
+        f"| examples sent under our own {adaptive['own_pass_rate']:.0%}-pass threshold "
+        f"({adaptive['own_threshold']:.3g}) | {adaptive['sent_under_own_threshold']} |",
+        f"| passed the defended target and fooled it | {adaptive['passed_and_fooled_target']} |",
+    ]
 
 
 def write_transfer_report(report_dir: str | Path, summary: dict[str, Any]) -> Path:
@@ -210,7 +259,7 @@ def plot_confusion(path: Path, summary: dict[str, Any]) -> None:
         axis.set_xticks(ticks)
         axis.set_yticks(ticks)
     mode = "targeted" if summary["targeted"] else "untargeted"
-    fig.suptitle(f"{mode} PGD ({summary['norm']}, eps {summary['eps']:.3g}) on the target")
+    fig.suptitle(f"{mode} {summary['attack_description']} on the target")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -2,15 +2,19 @@
 
 ``FakeService`` answers like the real one (labels, ``charged``, ``queries_used``,
 ``queries_remaining``; a repeated ``request_id`` of the same key is replayed with ``charged: 0``; a batch that
-does not fit the budget gets 402; past ``block_after`` charged queries every request gets 403).
+does not fit the budget gets 402; past ``block_after`` charged queries every request gets 403;
+images ``reject`` picks get a ``null`` label and their index in ``rejected``, charged, as an
+input defence in ``framework`` mode answers).
 ``route_http_to(service, monkeypatch)`` makes every ``HttpOracle`` the CLI builds talk to it.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import httpx2
+import numpy as np
 import pytest
 
 from mlcore.wire import EncodedTensor, decode_tensor
@@ -30,11 +34,14 @@ class FakeService:
         failures: list[int] | None = None,
         lose: list[int] | None = None,
         block_after: int | None = None,
+        reject: Callable[[np.ndarray], bool] | None = None,
     ) -> None:
         self.budget, self.used = budget, 0
         self.failures = list(failures or [])
         self.lose = list(lose or [])
         self.block_after = block_after
+        self.reject = reject
+        self.rejected = 0  # images refused (and charged)
         self.requests: list[dict] = []
         self.answers: dict[tuple[str, str], dict] = {}  # (key, request_id) -> stored answer
 
@@ -52,8 +59,14 @@ class FakeService:
         if self.used + len(images) > self.budget:
             return _error(402, "budget_exhausted", "no budget")
         self.used += len(images)
+        refused = [i for i, image in enumerate(images) if self.reject and self.reject(image)]
+        self.rejected += len(refused)
         answer = {
-            "labels": [int(image.reshape(-1)[0]) % 10 for image in images],
+            "labels": [
+                None if i in refused else int(image.reshape(-1)[0]) % 10
+                for i, image in enumerate(images)
+            ],
+            **({"rejected": refused} if refused else {}),
             "charged": len(images),
             "queries_used": self.used,
             "queries_remaining": self.budget - self.used,

@@ -159,3 +159,60 @@ def test_run_checks_every_option_before_it_buys_a_label(
     assert code == 2, output
     assert message.replace("{tmp}", str(tmp_path)) in output
     assert service.requests == []  # not one label bought, not even the evaluation's
+
+
+def _transfer(substitute: Path, folder: Path, *args: str) -> dict:
+    code, output = invoke(
+        "transfer", "--url", URL, "--api-key", "k", "--substitute", str(substitute), "--seeds", "2",
+        "--send-all", "--cache", str(folder / "c.sqlite3"), "--report-dir", str(folder / "r"),
+        *args,
+    )  # fmt: skip
+    assert code == 0, output
+    return json.loads((folder / "r" / "transfer.json").read_text())
+
+
+def test_transfer_counts_the_examples_a_defended_target_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The target refuses (null label, still charged) every image whose first pixel is odd."""
+    service = FakeService(reject=lambda image: int(image.reshape(-1)[0]) % 2 == 1)
+    route_http_to(service, monkeypatch)
+    substitute = save_checkpoint(
+        tmp_path / "sub.pt", build_model("lenet5"), arch="lenet5", dataset="mnist-embedded:pool"
+    )
+    report = _transfer(substitute, tmp_path, "--steps", "2", "--no-noise-baseline")
+    assert report["sent"] == 18 == service.used == report["queries_paid"]
+    assert 0 < report["rejected"] == service.rejected == report["queries_rejected"] < 18
+    assert report["answered"] == 18 - report["rejected"]
+    assert report["rejected_share"] == report["rejected"] / 18
+    # A refused example fools nobody: it counts as sent and failed.
+    assert report["fooled_target"] <= report["answered"]
+    assert report["transferability_all"] == report["fooled_target"] / 18
+    assert sum(map(sum, report["confusion_counts"])) == report["answered"]
+    markdown = (tmp_path / "r" / "transfer.md").read_text()
+    assert f"refused by the target's input defence (charged, no label) | {report['rejected']}" in (
+        markdown
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "attack"),
+    [
+        (["--attack", "igsm", "--untargeted", "--steps", "2"], "IGSM"),
+        (["--attack", "cw", "--steps", "3", "--binary-search-steps", "1", "--kappa", "1"], "CW-L2"),
+    ],
+)
+def test_transfer_runs_igsm_and_cw_over_http(
+    service: FakeService, tmp_path: Path, args: list[str], attack: str
+) -> None:
+    substitute = save_checkpoint(
+        tmp_path / "sub.pt", build_model("lenet5"), arch="lenet5", dataset="mnist-embedded:pool"
+    )
+    report = _transfer(substitute, tmp_path, *args)
+    assert report["attack"] == attack
+    assert report["sent"] == report["crafted"] == (2 if attack == "IGSM" else 18)
+    # A C&W example that failed is the seed itself, and so is its noise of size 0: from the cache.
+    paid, cached = report["queries_paid"], report["queries_from_cache"]
+    assert paid + cached == report["sent"] + report["noise_queries"] and paid == service.used
+    assert report["norm"] == ("linf" if attack == "IGSM" else "l2")
+    assert report["rejected"] == 0 and report["transferability_answered"] is not None

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from attacker.oracle import (
+    NOT_BOUGHT,
+    REJECTED,
     Blocked,
     BudgetExhausted,
     HttpOracle,
@@ -116,13 +118,13 @@ def test_the_meter_takes_the_servers_charged_figures() -> None:
     first = oracle_for(service)
     first.predict_labels(images(12))
     assert first.meter.report() == {
-        "queries_paid": 12, "queries_replayed": 0, "queries_from_cache": 0
+        "queries_paid": 12, "queries_replayed": 0, "queries_from_cache": 0, "queries_rejected": 0
     }  # fmt: skip
     # A new run without a cache sends the same batches: the server replays them, charged 0.
     again = oracle_for(service)
     again.predict_labels(images(12))
     assert again.meter.report() == {
-        "queries_paid": 0, "queries_replayed": 12, "queries_from_cache": 0
+        "queries_paid": 0, "queries_replayed": 12, "queries_from_cache": 0, "queries_rejected": 0
     }  # fmt: skip
     assert service.used == 12
 
@@ -200,3 +202,59 @@ def test_buy_keeps_the_labels_bought_before_a_403() -> None:
 def test_buy_without_a_refusal_says_nothing_stopped_it() -> None:
     purchase = buy(oracle_for(FakeService()), images(7))
     assert purchase.stopped_by is None and purchase.bought.all()
+
+
+# -- an input defence in framework mode: refused images are charged and have no label ----------------
+def odd(image: np.ndarray) -> bool:
+    """The fake defence refuses images whose first pixel is odd."""
+    return int(image.reshape(-1)[0]) % 2 == 1
+
+
+def test_a_rejected_image_is_paid_and_marked_rejected_not_unbought(tmp_path: Path) -> None:
+    service = FakeService(reject=odd)
+    oracle = oracle_for(service, tmp_path, batch_size=5)
+    labels = oracle.predict_labels(images(12))
+    assert labels.tolist() == [REJECTED if i % 2 else i % 10 for i in range(12)]
+    assert REJECTED != NOT_BOUGHT
+    assert oracle.meter.report() == {
+        "queries_paid": 12, "queries_replayed": 0, "queries_from_cache": 0, "queries_rejected": 6
+    }  # fmt: skip
+    assert service.used == 12 and service.rejected == 6
+    # A re-run reads the refusals from the cache too: asking again would pay again.
+    again = oracle_for(service, tmp_path, batch_size=5)
+    assert again.predict_labels(images(12)).tolist() == labels.tolist()
+    assert again.meter.report() == {
+        "queries_paid": 0, "queries_replayed": 0, "queries_from_cache": 12, "queries_rejected": 6
+    }  # fmt: skip
+    assert service.used == 12
+
+
+def test_buy_after_a_402_does_not_buy_a_refused_image_again() -> None:
+    service = FakeService(budget=15, reject=odd)
+    purchase = buy(oracle_for(service, batch_size=10), images(40))
+    assert purchase.stopped_by == "budget" and service.used == 15
+    assert purchase.rejected.sum() == 7 and purchase.bought.sum() == 8
+    assert (purchase.labels[15:] == NOT_BOUGHT).all()
+
+
+@pytest.mark.parametrize(
+    "answer,message",
+    [
+        ({"labels": [1, None], "rejected": []}, "rejected indices .* do not match"),
+        ({"labels": [1, None]}, "rejected indices .* do not match"),
+        ({"labels": [1, 2], "rejected": [1]}, "rejected indices .* do not match"),
+        ({"labels": [1, None], "rejected": [1, 1]}, "rejected indices .* do not match"),
+        ({"labels": [1, -2], "rejected": []}, "classes >= 0 or null"),
+        ({"labels": [1], "rejected": []}, "no list of 2 labels"),
+    ],
+)
+def test_an_answer_whose_rejections_do_not_add_up_is_refused(answer: dict, message: str) -> None:
+    def server(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(
+            200, json={**answer, "charged": 2, "queries_used": 2, "queries_remaining": 8}
+        )
+
+    client = httpx2.Client(transport=httpx2.MockTransport(server), base_url="http://t")
+    oracle = HttpOracle("http://t", "key", "m", client=client, backoff=0.0)
+    with pytest.raises(OracleRejected, match=message):
+        oracle.predict_labels(images(2))

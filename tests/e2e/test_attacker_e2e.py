@@ -68,7 +68,7 @@ def test_a_retry_after_a_lost_answer_is_charged_once(server: LiveServer, tmp_pat
     assert used(server, client_id) == 30
     # the lost answer's charge is this run's: paid, not a replay
     assert oracle.meter.report() == {
-        "queries_paid": 30, "queries_replayed": 0, "queries_from_cache": 0
+        "queries_paid": 30, "queries_replayed": 0, "queries_from_cache": 0, "queries_rejected": 0
     }  # fmt: skip
     with HttpOracle(server.url, key, "lenet5-mnist") as again:  # a new run, no answer cache
         again.predict_labels(pool_images(30))

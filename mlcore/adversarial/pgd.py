@@ -3,14 +3,17 @@
 
 Our own short implementation rather than foolbox (which the DRMI paper used): foolbox 3 has been
 unmaintained since 2024 and pins eagerpy, and PGD is thirty lines of torch. The shape follows
-foolbox's ``FixedEpsilonAttack``: validated keyword-only parameters, and a public final
-``__call__`` that validates its inputs, runs the attack and then enforces the constraints itself
-(projection onto the eps-ball and clipping to [0, 1] after every step and once more at the end),
-so no bug in a step rule can return an example outside the threat model.
+foolbox's ``FixedEpsilonAttack`` (``mlcore.adversarial.base.Attack``): the final ``__call__``
+validates its inputs, runs the attack and then enforces the constraints itself (projection onto
+the eps-ball and clipping to [0, 1] after every step and once more at the end), so no bug in a
+step rule can return an example outside the threat model.
 
     attack = PGD(norm="linf", eps=0.5)
     adversarial = attack(model, x, target=wanted)      # targeted: make the model say ``wanted``
     adversarial = attack(model, x, labels=true_labels)  # untargeted: move away from ``labels``
+
+Subclasses change what is climbed by overriding ``_objective`` (the adaptive attacker adds a
+divergence penalty) or the start and step (IGSM).
 
 Defaults follow Madry et al.: 40 steps of size 2.5 * eps / steps, random start inside the ball;
 every step runs (as foolbox 3 does), so examples end deep inside the wanted class. With
@@ -20,12 +23,13 @@ every step runs (as foolbox 3 does), so examples end deep inside the wanted clas
 
 from __future__ import annotations
 
-import math
-from typing import Final, final
+from typing import ClassVar, Final
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from mlcore.adversarial.base import Attack, check_bool, check_int, check_positive, check_seed
 
 __all__ = ["NORMS", "PGD", "project"]
 
@@ -55,7 +59,7 @@ def project(x: torch.Tensor, adversarial: torch.Tensor, *, norm: str, eps: float
     return (x + delta).clamp(0.0, 1.0)
 
 
-class PGD:
+class PGD(Attack):
     """Projected gradient descent; see the module docstring.
 
     ``norm``: "linf" or "l2"; ``eps``: radius of the ball (> 0, in [0, 1] pixel units);
@@ -63,6 +67,8 @@ class PGD:
     ``random_start``: start from a uniform point of the ball; ``early_stop``: freeze an example
     once the model gives the wanted answer; ``seed``: seeds the random start.
     """
+
+    name: ClassVar[str] = "PGD"
 
     def __init__(
         self,
@@ -77,29 +83,16 @@ class PGD:
     ) -> None:
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        if isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps):
-            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        if step_size is None:
-            step_size = 2.5 * eps / steps
-        if (
-            isinstance(step_size, bool)
-            or not isinstance(step_size, int | float)
-            or not math.isfinite(step_size)
-            or step_size <= 0
-        ):
-            raise ValueError(f"step_size must be a finite number > 0, got {step_size!r}")
-        if not isinstance(random_start, bool):
-            raise ValueError(f"random_start must be True or False, got {random_start!r}")
-        if not isinstance(early_stop, bool):
-            raise ValueError(f"early_stop must be True or False, got {early_stop!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.norm, self.eps, self.steps = norm, float(eps), steps
-        self.step_size, self.random_start, self.seed = float(step_size), random_start, seed
+        eps = check_positive("eps", eps)
+        steps = check_int("steps", steps, minimum=1)
+        step_size = check_positive(
+            "step_size", 2.5 * eps / steps if step_size is None else step_size
+        )
+        check_bool("random_start", random_start)
+        check_bool("early_stop", early_stop)
+        check_seed(seed)
+        self.norm, self.eps, self.steps = norm, eps, steps
+        self.step_size, self.random_start, self.seed = step_size, random_start, seed
         self.early_stop = early_stop
 
     @property
@@ -115,63 +108,20 @@ class PGD:
             "seed": self.seed,
         }
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{key}={value!r}" for key, value in self.params.items())
-        return f"PGD({args})"
+    def describe(self) -> str:
+        return f"{self.name} {self.norm} eps {self.eps:.4g}"
 
-    @final
-    def __call__(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        *,
-        target: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Adversarial examples for the float images ``x`` (n, ...) in [0, 1].
+    def _constrain(self, x: torch.Tensor, adversarial: torch.Tensor) -> torch.Tensor:
+        return project(x, adversarial, norm=self.norm, eps=self.eps)
 
-        Exactly one of ``target`` (targeted: reach these classes) or ``labels`` (untargeted: leave
-        these classes) must be given, one integer class per image. The result is detached, has
-        the shape of ``x``, lies in [0, 1] and within ``eps`` of ``x`` in the attack's norm.
-        """
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise ValueError(
-                f"x must be a float tensor in [0, 1], got {type(x).__name__}"
-                + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else "")
-            )
-        if x.dim() < 2 or len(x) < 1:
-            raise ValueError(f"x must have shape (n, ...) with n >= 1, got {tuple(x.shape)}")
-        if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-            raise ValueError(
-                f"x must be finite and in [0, 1], got values in [{x.min().item()}, {x.max().item()}]"
-            )
-        if (target is None) == (labels is None):
-            raise ValueError("give exactly one of target= (targeted) or labels= (untargeted)")
-        classes = target if target is not None else labels
-        name = "target" if target is not None else "labels"
-        classes = torch.as_tensor(classes)
-        if classes.dtype.is_floating_point or classes.dtype == torch.bool:
-            raise ValueError(f"{name} must hold integer classes, got dtype {classes.dtype}")
-        if classes.shape != (len(x),):
-            raise ValueError(
-                f"{name} must have shape ({len(x)},) to match x, got {tuple(classes.shape)}"
-            )
-        classes = classes.long().to(x.device)
-        x = x.detach()
-        was_training = model.training
-        model.eval()  # before the first forward pass: no dropout, no batch-norm statistics update
-        try:
-            with torch.no_grad():
-                num_classes = model(x[:1]).shape[1]
-            if classes.min() < 0 or classes.max() >= num_classes:
-                raise ValueError(
-                    f"{name} must be classes in 0..{num_classes - 1}, got values in "
-                    f"[{classes.min().item()}, {classes.max().item()}]"
-                )
-            adversarial = self._run(model, x, classes, targeted=target is not None)
-        finally:
-            model.train(was_training)
-        return project(x, adversarial.detach(), norm=self.norm, eps=self.eps)
+    def _objective(
+        self, model: nn.Module, adversarial: torch.Tensor, classes: torch.Tensor, *, targeted: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, the scalar each step climbs): the cross-entropy of ``classes``, negated when
+        targeted. Summed, not averaged: each example's gradient is independent of the batch."""
+        logits = model(adversarial)
+        loss = F.cross_entropy(logits, classes, reduction="sum")
+        return logits, -loss if targeted else loss
 
     def _run(
         self, model: nn.Module, x: torch.Tensor, classes: torch.Tensor, *, targeted: bool
@@ -180,12 +130,8 @@ class PGD:
         adversarial = self._start(x)
         for _ in range(self.steps):
             adversarial.requires_grad_(True)
-            logits = model(adversarial)
-            # Summed (not mean) loss: each example's gradient is independent of the batch size.
-            loss = F.cross_entropy(logits, classes, reduction="sum")
-            (gradient,) = torch.autograd.grad(loss, adversarial)
-            if targeted:
-                gradient = -gradient  # descend the loss of the wanted class
+            logits, objective = self._objective(model, adversarial, classes, targeted=targeted)
+            (gradient,) = torch.autograd.grad(objective, adversarial)
             if self.early_stop:
                 predicted = logits.detach().argmax(dim=1)
                 done = predicted == classes if targeted else predicted != classes
