@@ -68,13 +68,32 @@ class CondensationConfig:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def check(self) -> None:
+        """Refuse settings that no data could satisfy, naming the value (``check_config`` also
+        checks them against the data)."""
+        if self.method not in METHODS:
+            raise CondensationError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.init not in INITS:
+            raise CondensationError(f"init must be one of {list(INITS)}, got {self.init!r}")
+        positive = {
+            "ipc": self.ipc,
+            "iterations": self.iterations,
+            "batch_real": self.batch_real,
+            "outer_loop": self.outer_loop,
+            "inner_loop": self.inner_loop,
+            "width": self.width,
+            "depth": self.depth,
+        }
+        for name, value in positive.items():
+            if value is not None and value < 1:
+                raise CondensationError(f"{name} must be >= 1, got {value}")
+        if self.lr_images is not None and not self.lr_images > 0:
+            raise CondensationError(f"lr_images must be > 0, got {self.lr_images}")
+
 
 def check_config(config: CondensationConfig, labels: torch.Tensor, num_classes: int) -> None:
     """Refuse settings the data cannot satisfy, naming the value."""
-    if config.method not in METHODS:
-        raise CondensationError(f"method must be one of {list(METHODS)}, got {config.method!r}")
-    if config.init not in INITS:
-        raise CondensationError(f"init must be one of {list(INITS)}, got {config.init!r}")
+    config.check()
     counts = torch.bincount(labels, minlength=num_classes)
     smallest = int(counts.min())
     pool = config.pool_per_class if config.pool_per_class is not None else smallest
@@ -88,19 +107,6 @@ def check_config(config: CondensationConfig, labels: torch.Tensor, num_classes: 
             f"ipc must be in 1..{pool} (images per class available to condense from), "
             f"got {config.ipc}"
         )
-    positive = {
-        "iterations": config.iterations,
-        "batch_real": config.batch_real,
-        "outer_loop": config.outer_loop,
-        "inner_loop": config.inner_loop,
-        "width": config.width,
-        "depth": config.depth,
-    }
-    for name, value in positive.items():
-        if value is not None and value < 1:
-            raise CondensationError(f"{name} must be >= 1, got {value}")
-    if config.lr_images is not None and not config.lr_images > 0:
-        raise CondensationError(f"lr_images must be > 0, got {config.lr_images}")
 
 
 def class_pools(
