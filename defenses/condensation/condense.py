@@ -32,6 +32,7 @@ from mlcore.datasets import ImageDataset
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, float], None]  # (iterations done, iterations, last loss)
+Observer = Callable[[int, torch.Tensor], None]  # (iterations done, the synthetic images)
 STEPS = {"dc": dc.iteration, "dm": dm.iteration}
 MOMENTUM = 0.5  # SGD momentum on the pixels, both papers'
 
@@ -72,10 +73,12 @@ def condense(
     state_path: Path | None = None,
     save_every: int = 10,
     progress: Progress | None = None,
+    observe: Observer | None = None,
 ) -> CondensedSet:
     """Condense ``dataset`` into ``config.ipc`` synthetic images per class. With ``state_path``
     the run saves its state every ``save_every`` iterations and resumes from it when it exists
-    (a finished state returns at once)."""
+    (a finished state returns at once). ``observe`` sees the images before the first iteration
+    and after each one (a benchmark measures accuracy against iterations in one run)."""
     check_config(config, dataset.labels, dataset.num_classes)
     config = config.resolved()
     assert config.iterations is not None and config.batch_real is not None
@@ -94,6 +97,8 @@ def condense(
         logger.info("resuming %s condensation at iteration %d", config.method, start)
     step = STEPS[config.method]
     started = time.perf_counter()
+    if observe is not None:
+        observe(start, synthetic.detach())
     for it in range(start, config.iterations):
         generator = torch.Generator().manual_seed(iteration_seed(config.seed, it))
         net = fresh_network(it, config, dataset.input_shape, dataset.num_classes)
@@ -111,6 +116,8 @@ def condense(
             )  # fmt: skip
         if progress is not None:
             progress(done, config.iterations, losses[-1])
+        if observe is not None:
+            observe(done, synthetic.detach())
     members = torch.cat(pools).sort().values.tolist()
     return CondensedSet(
         images=synthetic.detach().clone(),

@@ -24,10 +24,10 @@ BATCH_SYNTHETIC = 256  # the authors' batch_train for the inner loop
 
 # The authors ran 1,000 iterations with 256 real images per class; on 2 CPU cores that is
 # days at 10 images per class. These defaults finish in minutes (docs/benchmarks.md).
-DEFAULT_ITERATIONS = 20
-DEFAULT_BATCH_REAL = 64
+DEFAULT_ITERATIONS = 4
+DEFAULT_BATCH_REAL = 32
 DEFAULT_LR_IMAGES = 0.1  # the authors' lr_img
-MAX_DEFAULT_INNER = 10  # the authors' inner loop is 50 at 10 images per class
+MAX_DEFAULT_INNER = 5  # the authors' inner loop is 50 at 10 images per class
 
 
 def defaults(ipc: int) -> dict[str, int | float]:

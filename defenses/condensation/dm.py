@@ -17,8 +17,8 @@ from defenses.condensation.common import CondensationConfig
 
 # The authors ran 20,000 iterations with 256 real images per class (lr 1 on normalised pixels);
 # these defaults finish in minutes on 2 CPU cores (docs/benchmarks.md).
-DEFAULT_ITERATIONS = 200
-DEFAULT_BATCH_REAL = 128
+DEFAULT_ITERATIONS = 100
+DEFAULT_BATCH_REAL = 64
 DEFAULT_LR_IMAGES = 1.0
 
 
