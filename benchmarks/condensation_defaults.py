@@ -77,8 +77,13 @@ def baseline() -> dict:
     test = load_dataset("mnist-embedded:test")
     out = {}
     for arch, epochs in (("lenet5", LENET_EPOCHS), ("convnet", CONVNET_EPOCHS)):
-        result = random_real_baseline(train, 10, test, archs=(arch,), seeds=(0, 1, 2), epochs=epochs)[0]
-        out[arch] = {"mean": round(result.mean, 4), "accuracies": [round(a, 4) for a in result.accuracies]}
+        result = random_real_baseline(
+            train, 10, test, archs=(arch,), seeds=(0, 1, 2), epochs=epochs
+        )[0]
+        out[arch] = {
+            "mean": round(result.mean, 4),
+            "accuracies": [round(a, 4) for a in result.accuracies],
+        }
     print("random", out, flush=True)
     return out
 
@@ -96,7 +101,10 @@ def main() -> None:
     result = {"runs": runs, "random_real": None if args.no_baseline else baseline()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    lines = ["| method | init | iterations | condensation s | LeNet-5 | ConvNet |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | init | iterations | condensation s | LeNet-5 | ConvNet |",
+        "|---|---|---|---|---|---|",
+    ]
     for run in runs:
         for row in run["rows"]:
             convnet = f"{100 * row['convnet']:.1f}%" if "convnet" in row else ""

@@ -144,14 +144,15 @@ def evaluate_command(
         raise typer.BadParameter(str(exc)) from None
     ipc = len(labels) // test_set.num_classes
     method = _method_of(dataset)
-    kwargs = {"seeds": tuple(range(seeds)), "epochs": epochs or EVALUATION_EPOCHS}
+    seed_list, epochs = tuple(range(seeds)), epochs or EVALUATION_EPOCHS
+    name = f"{method or 'condensed'} ipc {ipc}"
     with console.status("training fresh models on the condensed set..."):
         rows = evaluate_training_set(
-            images, labels, test_set, training_set=f"{method or 'condensed'} ipc {ipc}", **kwargs
+            images, labels, test_set, training_set=name, seeds=seed_list, epochs=epochs
         )
     if train_set is not None:
         with console.status("training fresh models on random real subsets..."):
-            rows += random_real_baseline(train_set, ipc, test_set, **kwargs)
+            rows += random_real_baseline(train_set, ipc, test_set, seeds=seed_list, epochs=epochs)
     table = Table("training set", "model", f"{test} accuracy", "paper (ConvNet, MNIST)", "poster")
     for row in rows:
         anchors = ANCHORS.get("random" if row.training_set.startswith("random") else method or "")

@@ -34,9 +34,9 @@ from defenses.calibration import (
     calibrate,
     recordable_settings,
 )
+from defenses.condensation import CondensationConfig
 from defenses.mi_redundancy import MiReference, calibrate_mi_reference
 from defenses.output_policies import OutputPolicy, parse_policy
-from defenses.condensation import CondensationConfig
 from mlcore.architectures import arch_kwargs_for, build_model
 from mlcore.checkpoints import load_checkpoint, save_checkpoint
 from mlcore.datasets import DATASETS, load_dataset

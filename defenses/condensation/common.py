@@ -126,7 +126,6 @@ def class_pools(
     return pools
 
 
-
 def initial_images(
     real: torch.Tensor, pools: list[torch.Tensor], config: CondensationConfig
 ) -> torch.Tensor:

@@ -110,9 +110,16 @@ def random_real_baseline(
     for arch in archs:
         scores = []
         for seed in seeds:
-            subset = train.subset(balanced_subset_indices(train.labels, ipc * train.num_classes, seed=seed))
+            subset = train.subset(
+                balanced_subset_indices(train.labels, ipc * train.num_classes, seed=seed)
+            )
             model = train_small_set(
-                arch, subset.images, subset.labels, num_classes=test.num_classes, epochs=epochs, seed=seed
+                arch,
+                subset.images,
+                subset.labels,
+                num_classes=test.num_classes,
+                epochs=epochs,
+                seed=seed,
             )
             scores.append(accuracy(model, test.images, test.labels))
         results.append(Evaluation(arch, f"random real ipc {ipc}", tuple(scores)))

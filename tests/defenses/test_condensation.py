@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,12 +141,10 @@ def test_dm_images_teach_more_than_random_real_images(train) -> None:
         method="dm", ipc=10, init="real", iterations=DM_ITERATIONS, width=32, batch_real=64
     )
     condensed = condense(train, config)
-    dm = evaluate_training_set(
-        condensed.images, condensed.labels, test, training_set="dm", archs=("lenet5",), epochs=200
-    )[0]
-    random = random_real_baseline(
-        train, 10, test, archs=("lenet5",), seeds=(1, 2, 3), epochs=200
-    )[0]
+    (dm,) = evaluate_training_set(
+        condensed.images, condensed.labels, test, training_set="dm", archs=["lenet5"], epochs=200
+    )
+    (random,) = random_real_baseline(train, 10, test, archs=["lenet5"], seeds=[1, 2, 3], epochs=200)
     assert dm.mean > random.mean + MARGIN, (dm.accuracies, random.accuracies)
 
 

@@ -140,4 +140,6 @@ def test_convnet_uses_instance_norm_and_average_pooling() -> None:
     model = build_model("convnet")
     norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert len(norms) == 3 and all(m.num_groups == m.num_channels == 128 for m in norms)
-    assert not any(isinstance(m, torch.nn.MaxPool2d | torch.nn.BatchNorm2d) for m in model.modules())
+    assert not any(
+        isinstance(m, torch.nn.MaxPool2d | torch.nn.BatchNorm2d) for m in model.modules()
+    )
