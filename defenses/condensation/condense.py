@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, float], None]  # (iterations done, iterations, last loss)
 Observer = Callable[[int, torch.Tensor], None]  # (iterations done, the synthetic images)
-STEPS = {"dc": dc.iteration, "dm": dm.iteration}
+STEPS = {"dc": dc.matching_steps, "dm": dm.matching_steps}
 MOMENTUM = 0.5  # SGD momentum on the pixels, both papers'
 
 
@@ -107,7 +107,10 @@ def condense(
         def draw_real(generator: torch.Generator = generator, batch: int = batch) -> list:
             return [real[sample_real(pool, batch, generator)] for pool in pools]
 
-        losses.append(step(net, synthetic, optimizer, draw_real, config, generator))
+        losses.append(
+            _step_images(step(net, synthetic, draw_real, config, generator), synthetic, optimizer)
+            / dataset.num_classes
+        )
         done = it + 1
         if state_path is not None and (done % save_every == 0 or done == config.iterations):
             save_state(
@@ -128,6 +131,22 @@ def condense(
         losses=losses,
         seconds=round(time.perf_counter() - started, 1),
     )
+
+
+def _step_images(
+    losses: Iterator[torch.Tensor], synthetic: torch.Tensor, optimizer: torch.optim.Optimizer
+) -> float:
+    """One optimizer step on the pixels per matching loss, clipped back into [0, 1]; returns
+    the mean loss."""
+    values = []
+    for loss in losses:
+        optimizer.zero_grad()
+        synthetic.grad = torch.autograd.grad(loss, synthetic)[0]
+        optimizer.step()
+        with torch.no_grad():
+            synthetic.clamp_(0, 1)
+        values.append(loss.item())
+    return sum(values) / len(values)
 
 
 def matching_loss(

@@ -10,7 +10,7 @@ epochs on the synthetic set (SGD, lr 0.01), so the images are matched along its 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,30 +75,21 @@ def matching_loss(
     return total
 
 
-def iteration(
+def matching_steps(
     net: nn.Module,
     synthetic: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
     draw_real: Callable[[], list[torch.Tensor]],
     config: CondensationConfig,
     generator: torch.Generator,
-) -> float:
-    """One DC iteration on a fresh ``net``; updates ``synthetic`` in place and returns the mean
-    matching loss per class and outer step."""
+) -> Iterator[torch.Tensor]:
+    """One DC iteration on a fresh ``net``: yields ``outer_loop`` matching losses (the caller
+    steps the images on each) and trains ``net`` on the updated images between them."""
     assert config.outer_loop is not None and config.inner_loop is not None  # resolved config
-    classes = len(synthetic) // config.ipc
-    labels = synthetic_labels(config.ipc, classes)
+    labels = synthetic_labels(config.ipc, len(synthetic) // config.ipc)
     net_optimizer = torch.optim.SGD(net.parameters(), lr=LR_NETWORK)
     net.train()
-    total = 0.0
     for outer in range(config.outer_loop):
-        loss = matching_loss(net, synthetic, draw_real(), config.ipc)
-        optimizer.zero_grad()
-        synthetic.grad = torch.autograd.grad(loss, synthetic)[0]
-        optimizer.step()
-        with torch.no_grad():
-            synthetic.clamp_(0, 1)
-        total += loss.item()
+        yield matching_loss(net, synthetic, draw_real(), config.ipc)
         if outer == config.outer_loop - 1:
             break
         frozen = synthetic.detach()
@@ -106,4 +97,3 @@ def iteration(
             train_epoch(
                 net, net_optimizer, frozen, labels, batch_size=BATCH_SYNTHETIC, generator=generator
             )
-    return total / (config.outer_loop * classes)

@@ -8,7 +8,7 @@ the synthetic pixels. No bi-level optimisation, hence far cheaper than DC per it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -53,22 +53,14 @@ def matching_loss(
     return total
 
 
-def iteration(
+def matching_steps(
     net: nn.Module,
     synthetic: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
     draw_real: Callable[[], list[torch.Tensor]],
     config: CondensationConfig,
     generator: torch.Generator,
-) -> float:
-    """One DM step on a fresh ``net``; updates ``synthetic`` in place and returns the mean
-    matching loss per class."""
+) -> Iterator[torch.Tensor]:
+    """One DM iteration on a fresh ``net``: a single matching loss (the caller steps the
+    images on it)."""
     assert isinstance(net, nn.Sequential)
-    real = draw_real()
-    loss = matching_loss(net, synthetic, real, config.ipc)
-    optimizer.zero_grad()
-    synthetic.grad = torch.autograd.grad(loss, synthetic)[0]
-    optimizer.step()
-    with torch.no_grad():
-        synthetic.clamp_(0, 1)
-    return loss.item() / len(real)
+    yield matching_loss(net, synthetic, draw_real(), config.ipc)

@@ -79,20 +79,32 @@ def evaluate_training_set(
     """Test accuracy on ``test`` of fresh models of each arch trained on (images, labels)."""
     if not seeds:
         raise ValueError("seeds must name at least one seed")
-    results = []
-    for arch in archs:
-        scores = tuple(
-            accuracy(
-                train_small_set(
-                    arch, images, labels, num_classes=test.num_classes, epochs=epochs, seed=seed
-                ),
-                test.images,
-                test.labels,
-            )
-            for seed in seeds
+    return [
+        Evaluation(
+            arch,
+            training_set,
+            tuple(
+                trained_accuracy(arch, images, labels, test, epochs=epochs, seed=s) for s in seeds
+            ),
         )
-        results.append(Evaluation(arch, training_set, scores))
-    return results
+        for arch in archs
+    ]
+
+
+def trained_accuracy(
+    arch: str,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    test: ImageDataset,
+    *,
+    epochs: int,
+    seed: int,
+) -> float:
+    """Test accuracy of one fresh ``arch`` model trained on (images, labels)."""
+    model = train_small_set(
+        arch, images, labels, num_classes=test.num_classes, epochs=epochs, seed=seed
+    )
+    return accuracy(model, test.images, test.labels)
 
 
 def random_real_baseline(
@@ -106,21 +118,20 @@ def random_real_baseline(
 ) -> list[Evaluation]:
     """The same evaluation on random real subsets of ``ipc`` images per class of ``train``
     (a new subset per seed, each model trained on its own)."""
-    results = []
-    for arch in archs:
-        scores = []
-        for seed in seeds:
-            subset = train.subset(
-                balanced_subset_indices(train.labels, ipc * train.num_classes, seed=seed)
-            )
-            model = train_small_set(
-                arch,
-                subset.images,
-                subset.labels,
-                num_classes=test.num_classes,
-                epochs=epochs,
-                seed=seed,
-            )
-            scores.append(accuracy(model, test.images, test.labels))
-        results.append(Evaluation(arch, f"random real ipc {ipc}", tuple(scores)))
-    return results
+    subsets = {
+        seed: train.subset(
+            balanced_subset_indices(train.labels, ipc * train.num_classes, seed=seed)
+        )
+        for seed in seeds
+    }
+    return [
+        Evaluation(
+            arch,
+            f"random real ipc {ipc}",
+            tuple(
+                trained_accuracy(arch, s.images, s.labels, test, epochs=epochs, seed=seed)
+                for seed, s in subsets.items()
+            ),
+        )
+        for arch in archs
+    ]
