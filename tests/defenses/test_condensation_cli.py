@@ -48,3 +48,22 @@ def test_condense_refuses_bad_settings(tmp_path, args, message) -> None:
     assert result.exit_code == 2
     assert message in " ".join(result.output.replace("│", " ").split())
     assert not out.exists()
+
+
+def test_condense_eval_prints_our_accuracy_beside_the_anchors(tmp_path) -> None:
+    """A (fake, random-pixel) DC set of 10 per class: the table names both architectures, the
+    random real baseline, and the DC paper's 97.4% and random-subset 95.1% at 10 per class."""
+    path = tmp_path / "dc.npz"
+    rng = np.random.default_rng(0)
+    np.savez(
+        path,
+        images=rng.random((100, 1, 28, 28), dtype=np.float32),
+        labels=np.repeat(np.arange(10), 10),
+        provenance=np.array(json.dumps({"condensed": {"method": "dc"}})),
+    )
+    result = CliRunner().invoke(app, ["condense-eval", str(path), "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if "%" in line]
+    assert any("dc ipc 10" in r and "convnet" in r and "97.4%" in r for r in rows)
+    assert any("dc ipc 10" in r and "lenet5" in r and "97.4%" in r for r in rows)
+    assert any("random real ipc" in r and "convnet" in r and "95.1%" in r for r in rows)
