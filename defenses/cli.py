@@ -1,6 +1,7 @@
 """``defender``: the data owner's command line. Upload a dataset to the service and train a
 model on it there (the service hosts it as ``u/<client-name>/<name>``); build a sanitised twin
-of a checkpoint (``sanitize``)."""
+of a checkpoint (``sanitize``); condense a dataset
+(``defenses/condensation``)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from defenses.condensation_cli import condense_command, evaluate_command
 from defenses.sanitization.command import sanitize
 from mlcore.client import ServiceClient, ServiceError
 
 app = typer.Typer(help="The mlaas-range defender and data owner.", no_args_is_help=True)
 app.command()(sanitize)
+app.command("condense")(condense_command)
+app.command("condense-eval")(evaluate_command)
 console = Console()
 err_console = Console(stderr=True)
 

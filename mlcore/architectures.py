@@ -1,7 +1,8 @@
 """The classifiers the range hosts and steals, looked up by name.
 
 LeNet-5, C3F2 (DRMI paper Table 1) and DNN5 (Table 2) take 1x28x28 images; ResNet-18 is
-torchvision's, adapted to 32x32 inputs (3x3 stem, no max-pool) as is usual for CIFAR-10.
+torchvision's, adapted to 32x32 inputs (3x3 stem, no max-pool) as is usual for CIFAR-10; the
+ConvNet is the one dataset condensation (DC, DM) matches and evaluates with.
 All models take float inputs in [0, 1] and return logits.
 """
 
@@ -69,11 +70,40 @@ def resnet18_small(*, in_channels: int = 3, num_classes: int = 10) -> nn.Module:
     return model
 
 
+def convnet(
+    *,
+    in_channels: int = 1,
+    num_classes: int = 10,
+    image_size: int = 28,
+    width: int = 128,
+    depth: int = 3,
+) -> nn.Sequential:
+    """The dataset-condensation ConvNet (Zhao, Mopuri and Bilen, ICLR 2021, as the authors coded
+    it): ``depth`` blocks of 3x3 conv (``width`` channels), instance norm (a GroupNorm with one
+    group per channel, affine), ReLU and 2x2 average pooling, then one linear layer. A 28x28
+    image gets a first padding of 3 (so it is pooled from 32x32), as in the authors' code.
+    Everything but the last layer is the embedding distribution matching compares."""
+    layers: list[nn.Module] = []
+    channels, side = in_channels, image_size
+    for block in range(depth):
+        padding = 3 if block == 0 and image_size == 28 else 1
+        layers += [
+            nn.Conv2d(channels, width, kernel_size=3, padding=padding),
+            nn.GroupNorm(width, width, affine=True),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+        ]
+        channels, side = width, (side + 2 * padding - 2) // 2
+    layers += [nn.Flatten(), nn.Linear(width * side * side, num_classes)]
+    return nn.Sequential(*layers)
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "lenet5": lenet5,
     "c3f2": c3f2,
     "dnn5": dnn5,
     "resnet18": resnet18_small,
+    "convnet": convnet,
 }
 
 
@@ -92,9 +122,9 @@ def arch_kwargs_for(
     """The keyword arguments that build ``arch`` for ``input_shape`` (C, H, W) images."""
     channels, height, width = input_shape
     kwargs = {"in_channels": channels, "num_classes": num_classes}
-    if arch == "dnn5":
+    if arch in ("dnn5", "convnet"):
         if height != width:
-            raise ValueError(f"dnn5 needs square images, got {height}x{width}")
+            raise ValueError(f"{arch} needs square images, got {height}x{width}")
         kwargs["image_size"] = height
     return kwargs
 
@@ -130,7 +160,7 @@ def accepting_architectures(input_shape: tuple[int, int, int], num_classes: int)
 def layer_output_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, tuple]]:
     """(layer type, output shape without batch) for every conv, pool and linear layer, in order."""
     shapes: list[tuple[str, tuple]] = []
-    kinds = (nn.Conv2d, nn.MaxPool2d, nn.Linear)
+    kinds = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.Linear)
     hooks = [
         module.register_forward_hook(
             lambda mod, _inp, out: shapes.append((type(mod).__name__, tuple(out.shape[1:])))

@@ -231,3 +231,21 @@ def load_dataset(spec: str, *, data_root: str | Path | None = None) -> ImageData
     else:
         root = None
     return _load_cached(name, split, root)
+
+
+def balanced_subset_indices(labels: torch.Tensor, n: int, *, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random subset of ``n`` images with the classes in the same
+    proportions as ``labels`` (scikit-learn's stratified split): the naive baseline of dataset
+    condensation, and the member set of a model trained on a random real subset."""
+    from sklearn.model_selection import train_test_split
+
+    classes = int(torch.unique(labels).numel())
+    if not classes <= n <= len(labels):
+        raise DatasetError(f"subset size must be in {classes}..{len(labels)}, got {n}")
+    everything = np.arange(len(labels))
+    if n == len(labels):
+        return everything
+    chosen, _ = train_test_split(
+        everything, train_size=n, stratify=labels.numpy(), random_state=seed
+    )
+    return np.sort(chosen)

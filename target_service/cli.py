@@ -31,15 +31,41 @@ def train(
             min=0, help="Benign clients per population to calibrate the detectors (0: skip)."
         ),
     ] = 100,
+    condense: Annotated[
+        str | None,
+        typer.Option(help="Train on a condensed version of the training split: dm or dc."),
+    ] = None,
+    ipc: Annotated[int, typer.Option(help="Condensed images per class (with --condense).")] = 10,
+    init: Annotated[str, typer.Option(help="noise or real (with --condense).")] = "noise",
+    members: Annotated[
+        int | None,
+        typer.Option(min=1, help="Train on a seeded random subset of this many images."),
+    ] = None,
 ) -> None:
     """Train the default targets into checkpoints, print their test accuracy, calibrate
     their detectors (TARGET_DETECTORS) as `calibrate` does, and build the sanitised twin of each
-    model with an input defence (TARGET_INPUT_DEFENSES)."""
+    model with an input defence (TARGET_INPUT_DEFENSES). With --condense or --members the
+    models are trained on a condensed set or a subset and named <model>-dm10-noise,
+    <model>-subset100, ...; the checkpoint records the real images used (its members)."""
+    from target_service.member_sets import derived_name
     from target_service.screening import build_pair
     from target_service.settings import DEFAULT_MODELS, Settings
-    from target_service.zoo import TARGETS, calibrate_target, train_target
+    from target_service.zoo import calibrate_target, target_spec, train_target
 
     names = models or DEFAULT_MODELS
+    if condense is not None and members is not None:
+        raise typer.BadParameter("--condense and --members exclude each other")
+    if condense is not None:
+        from defenses.condensation import CondensationConfig, CondensationError
+
+        try:
+            CondensationConfig(method=condense, ipc=ipc, init=init).check()  # type: ignore[arg-type]
+        except CondensationError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    names = [
+        derived_name(name, method=condense, ipc=ipc, init=init, member_count=members)
+        for name in names
+    ]
     _check_models(names)
     settings = Settings()
     configured = settings.detectors
@@ -48,12 +74,17 @@ def train(
     )
     for name in names:
         with console.status(f"training {name}..."):
-            path = train_target(TARGETS[name], checkpoint_dir, data_root=data_root, epochs=epochs)
+            try:
+                path = train_target(
+                    target_spec(name), checkpoint_dir, data_root=data_root, epochs=epochs
+                )
+            except ValueError as exc:  # e.g. more images per class than a class has
+                raise typer.BadParameter(str(exc)) from None
         thresholds = "not calibrated"
         if calibration_clients and configured.get(name) != {}:  # {}: detection is off
             with console.status(f"calibrating the detectors of {name}..."):
                 calibration = calibrate_target(
-                    TARGETS[name],
+                    target_spec(name),
                     checkpoint_dir,
                     configured.get(name),
                     data_root=data_root,
@@ -113,7 +144,7 @@ def calibrate(
     from defenses.base import DetectorError
     from defenses.calibration import check_parameters, threshold_for
     from target_service.settings import Settings
-    from target_service.zoo import TARGETS, calibrate_target, calibration_path
+    from target_service.zoo import calibrate_target, calibration_path, target_spec
 
     settings = Settings()
     names = models or settings.models
@@ -138,7 +169,7 @@ def calibrate(
 
             try:
                 calibration = calibrate_target(
-                    TARGETS[name], checkpoint_dir, detectors, data_root=data_root, share=share,
+                    target_spec(name), checkpoint_dir, detectors, data_root=data_root, share=share,
                     horizon=horizon, clients=clients, seed=seed, progress=progress,
                 )  # fmt: skip
             except (FileNotFoundError, DetectorError) as exc:
@@ -156,11 +187,13 @@ def calibrate(
 
 
 def _check_models(names: list[str]) -> None:
-    from target_service.zoo import TARGETS
+    from target_service.zoo import target_spec
 
-    unknown = [name for name in names if name not in TARGETS]
-    if unknown:
-        raise typer.BadParameter(f"unknown model(s) {unknown}; known: {sorted(TARGETS)}")
+    for name in names:
+        try:
+            target_spec(name)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
 
 
 @app.command()

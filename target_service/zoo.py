@@ -34,13 +34,15 @@ from defenses.calibration import (
     calibrate,
     recordable_settings,
 )
+from defenses.condensation import CondensationConfig
 from defenses.mi_redundancy import MiReference, calibrate_mi_reference
 from defenses.output_policies import OutputPolicy, parse_policy
-from mlcore.architectures import build_model
+from mlcore.architectures import arch_kwargs_for, build_model
 from mlcore.checkpoints import load_checkpoint, save_checkpoint
 from mlcore.datasets import DATASETS, load_dataset
 from mlcore.training import accuracy, fit, predict_labels, predict_logits, seed_everything
 from target_service.detection import AlarmPolicy, DefenceConfig
+from target_service.member_sets import parse_derived, scaled_epochs, training_set
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,9 @@ class TargetSpec:
     epochs: int
     batch_size: int = 32
     seed: int = 0
+    # train on a condensed version of train_data, or on a random subset of it (member_sets.py)
+    condensation: CondensationConfig | None = None
+    member_count: int | None = None
 
     @property
     def dataset(self) -> str:
@@ -71,8 +76,30 @@ TARGETS: dict[str, TargetSpec] = {
         TargetSpec("c3f2-mnist", "c3f2", "mnist-embedded:target-train", "mnist-embedded:test", 10),
         TargetSpec("dnn5-mnist", "dnn5", "mnist-embedded:target-train", "mnist-embedded:test", 30),
         TargetSpec("resnet18-cifar10", "resnet18", "cifar10:target-train", "cifar10:test", 30, 64),
+        TargetSpec(
+            "convnet-mnist", "convnet", "mnist-embedded:target-train", "mnist-embedded:test", 10
+        ),
     ]
 }
+
+
+def target_spec(name: str) -> TargetSpec:
+    """A target by name: one of TARGETS, or one derived from it (``member_sets.py``), e.g.
+    ``lenet5-mnist-dm10-noise`` or ``lenet5-mnist-subset100``."""
+    if name in TARGETS:
+        return TARGETS[name]
+    derivation = parse_derived(name)
+    if derivation is None or derivation.base not in TARGETS:
+        raise ValueError(
+            f"model must be one of {sorted(TARGETS)} or one of them trained on a condensed set "
+            f"or subset (<model>-dm10-noise, <model>-dc1-real, <model>-subset100), got {name!r}"
+        )
+    return replace(
+        TARGETS[derivation.base],
+        name=name,
+        condensation=derivation.condensation,
+        member_count=derivation.member_count,
+    )
 
 
 # Thresholds come from the calibration beside the checkpoint (else each detector's default).
@@ -113,18 +140,19 @@ def train_target(
     """Train one target from scratch, evaluate it on its test split and save the checkpoint."""
     train = load_dataset(spec.train_data, data_root=data_root)
     test = load_dataset(spec.test_data, data_root=data_root)
-    arch_kwargs = {"in_channels": train.input_shape[0], "num_classes": train.num_classes}
+    used = training_set(
+        train, condensation=spec.condensation, member_count=spec.member_count, seed=spec.seed
+    )
+    arch_kwargs = arch_kwargs_for(spec.arch, train.input_shape, train.num_classes)
     seed_everything(spec.seed)
     model = build_model(spec.arch, **arch_kwargs)
-    epochs = epochs or spec.epochs
+    epochs = scaled_epochs(epochs or spec.epochs, len(train), len(used.labels))
     started = time.perf_counter()
-    fit(
-        model, train.images, train.labels, epochs=epochs, batch_size=spec.batch_size, seed=spec.seed
-    )
+    fit(model, used.images, used.labels, epochs=epochs, batch_size=spec.batch_size, seed=spec.seed)
     metrics = {
         "test_accuracy": accuracy(model, test.images, test.labels),
         "test_data": spec.test_data,
-        "train_size": len(train),
+        "train_size": len(used.labels),
         "epochs": epochs,
         "train_seconds": round(time.perf_counter() - started, 1),
     }
@@ -136,6 +164,7 @@ def train_target(
         arch_kwargs=arch_kwargs,
         dataset=spec.train_data,
         metrics=metrics,
+        provenance=used.provenance,
     )
     mi_reference(spec, checkpoint_dir, data_root)
     return path
@@ -155,9 +184,7 @@ def load_hosted(
 ) -> HostedModel:
     """Load a hosted model; train (and, with ``calibration_clients`` > 0, calibrate) it first
     when its checkpoint is missing and ``train_missing``."""
-    if name not in TARGETS:
-        raise ValueError(f"model must be one of {sorted(TARGETS)}, got {name!r}")
-    spec = TARGETS[name]
+    spec = target_spec(name)
     path = checkpoint_path(checkpoint_dir, name)
     if not path.exists():
         if not train_missing:

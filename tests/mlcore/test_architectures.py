@@ -46,6 +46,17 @@ LAYERS = [
         ("Linear", (84,)),
         ("Linear", (10,)),
     ]),
+    # DC ConvNet (Zhao et al. 2021): 3 x [conv 128, instance norm, ReLU, avg-pool]; 28x28
+    # padded by 3 at the first conv (the authors' code), so pooled from 32x32
+    Layers("convnet", (1, 28, 28), [
+        ("Conv2d", (128, 32, 32)),
+        ("AvgPool2d", (128, 16, 16)),
+        ("Conv2d", (128, 16, 16)),
+        ("AvgPool2d", (128, 8, 8)),
+        ("Conv2d", (128, 8, 8)),
+        ("AvgPool2d", (128, 4, 4)),
+        ("Linear", (10,)),
+    ]),
 ]  # fmt: skip
 
 
@@ -80,6 +91,8 @@ def test_resnet18_keeps_32x32_resolution_in_its_stem() -> None:
         ("c3f2", {"num_classes": 4}, (1, 28, 28)),
         ("dnn5", {"in_channels": 3, "image_size": 32, "num_classes": 5}, (3, 32, 32)),
         ("resnet18", {"in_channels": 1, "num_classes": 3}, (1, 32, 32)),
+        ("convnet", {}, (1, 28, 28)),
+        ("convnet", {"in_channels": 3, "image_size": 32, "num_classes": 4}, (3, 32, 32)),
     ],
     ids=[
         "lenet5",
@@ -90,6 +103,8 @@ def test_resnet18_keeps_32x32_resolution_in_its_stem() -> None:
         "c3f2-4",
         "dnn5-rgb32-5",
         "resnet18-grey-3",
+        "convnet",
+        "convnet-rgb32-4",
     ],
 )
 def test_models_return_one_logit_per_class(
@@ -114,7 +129,17 @@ def test_build_model_is_seeded_by_torch() -> None:
 
 def test_unknown_architecture_names_the_value_and_the_choices() -> None:
     with pytest.raises(
-        ValueError, match=r"one of \['c3f2', 'dnn5', 'lenet5', 'resnet18'\], got 'vgg'"
+        ValueError,
+        match=r"one of \['c3f2', 'convnet', 'dnn5', 'lenet5', 'resnet18'\], got 'vgg'",
     ):
         build_model("vgg")
-    assert set(ARCHITECTURES) == {"lenet5", "c3f2", "dnn5", "resnet18"}
+    assert set(ARCHITECTURES) == {"lenet5", "c3f2", "dnn5", "resnet18", "convnet"}
+
+
+def test_convnet_uses_instance_norm_and_average_pooling() -> None:
+    model = build_model("convnet")
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 3 and all(m.num_groups == m.num_channels == 128 for m in norms)
+    assert not any(
+        isinstance(m, torch.nn.MaxPool2d | torch.nn.BatchNorm2d) for m in model.modules()
+    )
