@@ -294,8 +294,7 @@ class HttpOracle:
                 raise OracleUnavailable(f"cannot list the models: {exc}") from None
             if self.model not in cards:
                 raise OracleRejected(
-                    f"no model named {self.model!r} for this key; the service lists "
-                    f"{sorted(cards)}"
+                    f"no model named {self.model!r} for this key; the service lists {sorted(cards)}"
                 )
             self._policy = str(cards[self.model]["output_policy"])
         return self._policy

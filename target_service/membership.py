@@ -70,7 +70,12 @@ def member_source(service: TargetService, model: str, client_id: str) -> MemberS
         ) from None
     if isinstance(recorded, dict):
         indices = np.asarray(recorded.get("indices", []), dtype=np.int64)
-        if indices.ndim != 1 or indices.size == 0 or indices.min() < 0 or indices.max() >= split_size:
+        if (
+            indices.ndim != 1
+            or indices.size == 0
+            or indices.min() < 0
+            or indices.max() >= split_size
+        ):
             raise InvalidInput(
                 f"model {hosted.name}'s recorded members are not indices into {spec}",
                 code="no_members",
@@ -111,7 +116,7 @@ def open_challenge(
     non_members = rng.choice(non_member_indices, half, replace=False)
     candidates = [[1, int(i)] for i in members] + [[0, int(i)] for i in non_members]
     order = rng.permutation(n)
-    row = {
+    row: dict[str, Any] = {
         "challenge_id": uuid.uuid4().hex[:16],
         "client_id": client_id,
         "model": model,

@@ -16,7 +16,8 @@ def membership(
     api_key: ApiKey,
     challenge: Annotated[str, typer.Option(help="The challenge id the admin gave you.")],
     attack: Annotated[
-        str, typer.Option(help="threshold | shadow | lira (need probabilities) | gap | augmentation")
+        str,
+        typer.Option(help="threshold | shadow | lira (need probabilities) | gap | augmentation"),
     ] = "threshold",
     report_dir: Annotated[Path, typer.Option(help="Where membership.json and roc.png go.")] = Path(
         "reports/membership"

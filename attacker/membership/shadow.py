@@ -68,7 +68,10 @@ class ShadowSettings:
 
 
 def train_shadows(
-    settings: ShadowSettings, *, image_shape: tuple[int, ...], progress: ShadowProgress | None = None
+    settings: ShadowSettings,
+    *,
+    image_shape: tuple[int, ...],
+    progress: ShadowProgress | None = None,
 ) -> tuple[list[Shadow], torch.Tensor, torch.Tensor]:
     """``settings.shadows`` models, each on a seeded random ``size`` images of the pool (half by
     default); returns them with the pool's images and labels. Costs no query."""

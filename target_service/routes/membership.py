@@ -23,11 +23,7 @@ admin_router = APIRouter(prefix="/v1/admin/membership-challenges", responses=doc
 
 def _admin_view(challenge: dict) -> MembershipChallengeView:
     return MembershipChallengeView(
-        **{
-            key: challenge[key]
-            for key in MembershipChallengeView.model_fields
-            if key != "result"
-        },
+        **{key: challenge[key] for key in MembershipChallengeView.model_fields if key != "result"},
         result=challenge["result"],
     )
 

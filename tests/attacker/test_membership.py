@@ -21,7 +21,7 @@ from mlcore.training import fit, seed_everything
 MEMBERS, NON_MEMBERS = 100, 200
 
 
-def _train(images, labels) -> nn.Module:  # noqa: ANN001 - tensors
+def _train(images, labels) -> nn.Module:
     """DNN5 (an MLP) for 40 epochs on 100 images: deliberately overfit (about 74% test accuracy)."""
     seed_everything(0)
     return fit(build_model("dnn5"), images, labels, epochs=40, batch_size=16, seed=0)
@@ -56,7 +56,9 @@ def never_saw_them() -> nn.Module:
     return _train(pool.images[chosen], pool.labels[chosen])
 
 
-def test_threshold_attack_separates_an_overfit_models_members(data: dict, overfit: nn.Module) -> None:
+def test_threshold_attack_separates_an_overfit_models_members(
+    data: dict, overfit: nn.Module
+) -> None:
     result = evaluate_attack(
         make_attack("threshold"), LocalOracle(overfit), data["members"], data["non_members"]
     )
@@ -85,7 +87,9 @@ def test_shadow_attacks_beat_chance_on_the_overfit_model(
     data: dict, overfit: nn.Module, name: str, params: dict
 ) -> None:
     oracle = LocalOracle(overfit)
-    result = evaluate_attack(make_attack(name, **params), oracle, data["members"], data["non_members"])
+    result = evaluate_attack(
+        make_attack(name, **params), oracle, data["members"], data["non_members"]
+    )
     assert result["auc"] > 0.7
     assert result["queries_paid"] == MEMBERS + NON_MEMBERS  # shadows cost no query
     assert result["parameters"]["shadow"]["shadows"] == params["shadows"]
@@ -95,7 +99,9 @@ def test_shadow_attacks_beat_chance_on_the_overfit_model(
 def test_label_only_attacks_pay_n_queries_per_candidate(
     data: dict, overfit: nn.Module, shift: int, flip: bool, copies: int
 ) -> None:
-    attack = make_attack("gap") if shift == 0 else make_attack("augmentation", shift=shift, flip=flip)
+    attack = (
+        make_attack("gap") if shift == 0 else make_attack("augmentation", shift=shift, flip=flip)
+    )
     oracle = LocalOracle(overfit)
     result = evaluate_attack(attack, oracle, data["members"], data["non_members"])
     assert attack.queries_needed(10) == 10 * copies
@@ -137,7 +143,9 @@ def test_attacks_that_need_probabilities_name_the_policy_against_a_label_only_mo
             make_attack(name), 100, output_policy="label-only", queries_remaining=10_000
         )
     for policy in ("label-only", "top-k:3"):  # label-only attacks are fine with any policy
-        assert check_affordable(make_attack("gap"), 100, output_policy=policy, queries_remaining=100)
+        assert check_affordable(
+            make_attack("gap"), 100, output_policy=policy, queries_remaining=100
+        )
 
 
 def test_a_budget_too_small_says_how_many_queries_the_attack_needs() -> None:
@@ -156,7 +164,8 @@ def test_a_budget_too_small_says_how_many_queries_the_attack_needs() -> None:
         ("gap", {"shift": 1}, "shift 0, no flip"),
         ("shadow", {"shadows": 0}, "shadows must be >= 1, got 0"),
         ("lira", {"arch": "vgg"}, "arch must be one of"),
-        ("threshold", {"shadows": 3}, "unknown parameter for the threshold attack"),
+        ("threshold", {"shadows": 3}, r"unknown parameter for the threshold attack: \['shadows'\]"),
+        ("gap", {"shadows": 3}, "unknown parameter for the gap attack"),
         ("lira", {"shadows": 1, "global_variance": False}, "at least 2 shadows"),
     ],
 )

@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx2
 import numpy as np
 import pytest
-
 from typer.testing import CliRunner
 
 from attacker.cli import app
@@ -27,9 +26,7 @@ N = 40
 
 @pytest.fixture(scope="module")
 def probabilities_server(module_server_factory: Callable[..., LiveServer]) -> LiveServer:
-    return module_server_factory(
-        detectors={MODEL: {}}, output_policies={MODEL: "probabilities:6"}
-    )
+    return module_server_factory(detectors={MODEL: {}}, output_policies={MODEL: "probabilities:6"})
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +102,11 @@ def test_a_label_only_model_refuses_probability_attacks_before_buying(
     for attack in ("threshold", "lira"):
         code, output = play(label_only_server, key, challenge, attack, tmp_path / attack)
         assert code == 2 and "'probabilities:DECIMALS' policy" in output, output
-    with HttpOracle(label_only_server.url, key, MODEL) as oracle:
-        with pytest.raises(ProbabilitiesUnavailable, match="'label-only' output policy"):
-            oracle.predict_probabilities(np.zeros((2, 1, 28, 28), np.uint8))
+    with (
+        HttpOracle(label_only_server.url, key, MODEL) as oracle,
+        pytest.raises(ProbabilitiesUnavailable, match="'label-only' output policy"),
+    ):
+        oracle.predict_probabilities(np.zeros((2, 1, 28, 28), np.uint8))
     assert admin_get(label_only_server, f"/v1/admin/clients/{client_id}")["queries_used"] == 0
     code, output = play(label_only_server, key, challenge, "gap", tmp_path / "gap")
     assert code == 0, output

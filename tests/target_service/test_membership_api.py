@@ -73,7 +73,9 @@ def candidates(payload: dict[str, Any]) -> np.ndarray:
 def truth_from_the_data(images: np.ndarray) -> np.ndarray:
     """What only a perfect oracle knows: which candidates are in the target's training split
     (and the others, in the held-out test split)."""
-    train = {image.tobytes() for image in load_dataset("mnist-embedded:target-train").images.numpy()}
+    train = {
+        image.tobytes() for image in load_dataset("mnist-embedded:target-train").images.numpy()
+    }
     test = {image.tobytes() for image in load_dataset("mnist-embedded:test").images.numpy()}
     members = np.array([image.tobytes() in train for image in images])
     assert all(image.tobytes() in test for image in images[~members])
@@ -122,9 +124,10 @@ def test_the_candidates_never_reveal_membership_and_a_perfect_oracle_scores_auc_
         headers=key,
     )
     assert again.status_code == 409 and again.json()["error"]["code"] == "already_submitted"
-    assert app.get(f"/v1/admin/membership-challenges/{challenge_id}", headers=ADMIN).json()[
-        "result"
-    ] == kept["result"]
+    assert (
+        app.get(f"/v1/admin/membership-challenges/{challenge_id}", headers=ADMIN).json()["result"]
+        == kept["result"]
+    )
     assert app.get(f"/v1/membership-challenges/{challenge_id}", headers=key).json()["submitted"]
 
 
@@ -219,7 +222,10 @@ def test_results_survive_a_restart(state_dir: Path, trained_checkpoints: Path) -
         )
         result = app.get(f"/v1/admin/membership-challenges/{challenge_id}", headers=ADMIN).json()
     with make_app(state_dir, trained_checkpoints) as app:
-        assert app.get(f"/v1/admin/membership-challenges/{challenge_id}", headers=ADMIN).json() == result
+        assert (
+            app.get(f"/v1/admin/membership-challenges/{challenge_id}", headers=ADMIN).json()
+            == result
+        )
         again = app.get(f"/v1/membership-challenges/{challenge_id}", headers=key).json()
         assert again["images"] == images and again["submitted"]
         refused = app.post(
