@@ -234,3 +234,66 @@ def test_results_survive_a_restart(state_dir: Path, trained_checkpoints: Path) -
             headers=key,
         )
         assert refused.status_code == 409
+
+
+def _resave(source: Path, target_dir: Path, **changes: Any) -> Path:
+    """``lenet5-mnist.pt`` from ``source`` saved into ``target_dir`` with another dataset or
+    provenance (as a model trained on a subset or a condensed set records its members)."""
+    from mlcore.checkpoints import load_checkpoint, save_checkpoint
+
+    checkpoint = load_checkpoint(source / f"{MODEL}.pt")
+    save_checkpoint(
+        target_dir / f"{MODEL}.pt",
+        checkpoint.model,
+        arch=checkpoint.arch,
+        arch_kwargs=checkpoint.arch_kwargs,
+        dataset=changes.get("dataset", checkpoint.dataset),
+        provenance=changes.get("provenance", {}),
+    )
+    return target_dir
+
+
+def test_members_recorded_in_the_checkpoint_are_the_members_drawn(
+    tmp_path: Path, trained_checkpoints: Path
+) -> None:
+    recorded = [3, 10, 11, 42, 100, 512, 777, 1000, 2048, 2499]
+    checkpoints = _resave(
+        trained_checkpoints,
+        tmp_path / "subset",
+        provenance={"members": {"dataset": "mnist-embedded:target-train", "indices": recorded}},
+    )
+    with make_app(tmp_path / "state", checkpoints) as app:
+        client_id, key = new_client(app, "subset")
+        challenge_id = open_challenge(app, client_id, n=20)
+        images = candidates(
+            app.get(f"/v1/membership-challenges/{challenge_id}", headers=key).json()
+        )
+        train = load_dataset("mnist-embedded:target-train").images.numpy()
+        expected = {train[i].tobytes() for i in recorded}
+        members = truth_from_the_data(images)
+        assert {image.tobytes() for image in images[members]} == expected
+        too_many = app.post(
+            "/v1/admin/membership-challenges",
+            json={"model": MODEL, "client_id": client_id, "n": 22, "seed": 0},
+            headers=ADMIN,
+        )
+        assert too_many.status_code == 422
+        assert (
+            "needs 11 members in mnist-embedded:target-train" in too_many.json()["error"]["message"]
+        )
+
+
+def test_a_model_without_registry_members_is_refused(
+    tmp_path: Path, trained_checkpoints: Path
+) -> None:
+    checkpoints = _resave(trained_checkpoints, tmp_path / "upload", dataset="upload:abc123")
+    with make_app(tmp_path / "state", checkpoints) as app:
+        client_id, _ = new_client(app, "nobody")
+        response = app.post(
+            "/v1/admin/membership-challenges",
+            json={"model": MODEL, "client_id": client_id, "n": 10, "seed": 0},
+            headers=ADMIN,
+        )
+        assert response.status_code == 422
+        assert response.json()["error"]["code"] == "no_members"
+        assert "'upload:abc123'" in response.json()["error"]["message"]
