@@ -188,3 +188,21 @@ def test_logit_confidence_clips_rounded_probabilities_half_a_unit_inside() -> No
     phi = logit_confidence(probabilities, np.array([0, 0, 0]), decimals=2)
     assert np.allclose(phi, [np.log(0.995 / 0.005), np.log(0.005 / 0.995), 0.0])
     assert set(ATTACKS) == {"threshold", "shadow", "lira", "gap", "augmentation"}
+
+
+def test_the_command_names_an_option_the_attack_does_not_take_before_any_request() -> None:
+    from typer.testing import CliRunner
+
+    from attacker.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "membership", "--url", "http://127.0.0.1:9", "--api-key", "k", "--challenge", "c",
+            "--attack", "threshold", "--shadows", "3",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "unknown parameter for the threshold attack: ['shadows']" in " ".join(
+        result.output.split()
+    )

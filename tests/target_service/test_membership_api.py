@@ -54,12 +54,18 @@ def new_client(app: TestClient, name: str, budget: int = 100) -> tuple[str, dict
     return body.json()["client_id"], {"Authorization": f"Bearer {body.json()['api_key']}"}
 
 
-def open_challenge(app: TestClient, client_id: str, n: int = 40, seed: int = 0) -> str:
-    response = app.post(
+def post_challenge(
+    app: TestClient, client_id: str, n: int, *, seed: int = 0, headers: dict[str, str] = ADMIN
+) -> Any:
+    return app.post(
         "/v1/admin/membership-challenges",
         json={"model": MODEL, "client_id": client_id, "n": n, "seed": seed},
-        headers=ADMIN,
+        headers=headers,
     )
+
+
+def open_challenge(app: TestClient, client_id: str, n: int = 40, seed: int = 0) -> str:
+    response = post_challenge(app, client_id, n, seed=seed)
     assert response.status_code == 201, response.text
     return response.json()["challenge_id"]
 
@@ -202,12 +208,7 @@ def test_bad_challenges_are_refused(
 
 def test_only_the_admin_opens_challenges(app: TestClient) -> None:
     client_id, key = new_client(app, "sneaky")
-    response = app.post(
-        "/v1/admin/membership-challenges",
-        json={"model": MODEL, "client_id": client_id, "n": 10, "seed": 0},
-        headers=key,
-    )
-    assert response.status_code == 403
+    assert post_challenge(app, client_id, 10, headers=key).status_code == 403
 
 
 def test_results_survive_a_restart(state_dir: Path, trained_checkpoints: Path) -> None:
@@ -272,11 +273,7 @@ def test_members_recorded_in_the_checkpoint_are_the_members_drawn(
         expected = {train[i].tobytes() for i in recorded}
         members = truth_from_the_data(images)
         assert {image.tobytes() for image in images[members]} == expected
-        too_many = app.post(
-            "/v1/admin/membership-challenges",
-            json={"model": MODEL, "client_id": client_id, "n": 22, "seed": 0},
-            headers=ADMIN,
-        )
+        too_many = post_challenge(app, client_id, 22)
         assert too_many.status_code == 422
         assert (
             "needs 11 members in mnist-embedded:target-train" in too_many.json()["error"]["message"]
@@ -289,11 +286,7 @@ def test_a_model_without_registry_members_is_refused(
     checkpoints = _resave(trained_checkpoints, tmp_path / "upload", dataset="upload:abc123")
     with make_app(tmp_path / "state", checkpoints) as app:
         client_id, _ = new_client(app, "nobody")
-        response = app.post(
-            "/v1/admin/membership-challenges",
-            json={"model": MODEL, "client_id": client_id, "n": 10, "seed": 0},
-            headers=ADMIN,
-        )
+        response = post_challenge(app, client_id, 10)
         assert response.status_code == 422
         assert response.json()["error"]["code"] == "no_members"
         assert "'upload:abc123'" in response.json()["error"]["message"]
