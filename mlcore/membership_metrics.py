@@ -18,7 +18,25 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
 # FPRs at which the ROC curve is published to the attacker (aggregate: no per-candidate figure)
-ROC_GRID = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+ROC_GRID = (
+    0.0,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.9,
+    1.0,
+)
 
 
 def check_scores(scores: np.ndarray | list[float], n: int) -> np.ndarray:

@@ -116,7 +116,7 @@ def open_challenge(
     non_members = rng.choice(non_member_indices, half, replace=False)
     candidates = [[1, int(i)] for i in members] + [[0, int(i)] for i in non_members]
     order = rng.permutation(n)
-    row = {
+    row: dict[str, Any] = {
         "challenge_id": uuid.uuid4().hex[:16],
         "client_id": client_id,
         "model": model,

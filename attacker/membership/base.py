@@ -40,7 +40,9 @@ class MembershipAttack(ABC):
         fields = dataclasses.asdict(self)  # type: ignore[call-overload]
         return json.loads(json.dumps(fields, default=str))  # paths as text
 
-    def scores(self, oracle: ProbabilityOracle, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    def scores(
+        self, oracle: ProbabilityOracle, images: np.ndarray, labels: np.ndarray
+    ) -> np.ndarray:
         """One float64 score per candidate, higher = member."""
         images, labels = check_candidates(images, labels)
         return np.asarray(self._scores(oracle, images, labels), dtype=np.float64)
@@ -91,7 +93,9 @@ def check_affordable(
     return needed
 
 
-def logit_confidence(probabilities: np.ndarray, labels: np.ndarray, *, decimals: int | None) -> np.ndarray:
+def logit_confidence(
+    probabilities: np.ndarray, labels: np.ndarray, *, decimals: int | None
+) -> np.ndarray:
     """LiRA's logit-scaled confidence log(p_y / (1 - p_y)) of the true label, float64.
 
     Probabilities rounded to ``decimals`` are clipped half a rounding unit inside (0, 1) (a

@@ -46,7 +46,7 @@ def play_challenge(
         labels = np.asarray(challenge["labels"], dtype=np.int64)
         with HttpOracle(url, api_key, challenge["model"], on_batch=on_batch) as oracle:
             policy = oracle.output_policy()
-            if make_attack(attack_name, **params).__class__ in SHADOW_ATTACKS:
+            if isinstance(make_attack(attack_name, **params), SHADOW_ATTACKS):
                 params = {"decimals": policy_decimals(policy), **params}
             attack = make_attack(attack_name, **params)
             needed = check_affordable(

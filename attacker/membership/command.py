@@ -16,7 +16,8 @@ def membership(
     api_key: ApiKey,
     challenge: Annotated[str, typer.Option(help="The challenge id the admin gave you.")],
     attack: Annotated[
-        str, typer.Option(help="threshold | shadow | lira (need probabilities) | gap | augmentation")
+        str,
+        typer.Option(help="threshold | shadow | lira (need probabilities) | gap | augmentation"),
     ] = "threshold",
     report_dir: Annotated[Path, typer.Option(help="Where membership.json and roc.png go.")] = Path(
         "reports/membership"
@@ -44,15 +45,12 @@ def membership(
     from attacker.oracle import OracleError
     from mlcore.client import ServiceError
 
-    shadow_options = {
+    options = {
         "shadows": shadows, "size": shadow_size, "arch": shadow_arch, "epochs": shadow_epochs,
-        "pool": pool, "data_root": data_root, "seed": seed,
+        "pool": pool, "data_root": data_root, "seed": seed, "shift": shift, "flip": flip or None,
     }  # fmt: skip
-    params: dict[str, Any] = {}
-    if attack in ("shadow", "lira"):
-        params = {key: value for key, value in shadow_options.items() if value is not None}
-    elif attack == "augmentation":
-        params = {"flip": flip, **({"shift": shift} if shift is not None else {})}
+    # only the options given: one the attack does not take is named by make_attack
+    params: dict[str, Any] = {key: value for key, value in options.items() if value is not None}
     try:
         _check_url(url)
         _check_key("--api-key", api_key)

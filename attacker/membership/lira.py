@@ -41,7 +41,9 @@ class LiraOfflineAttack(MembershipAttack):
         decimals = self.shadow.decimals
         out = np.stack(
             [
-                logit_confidence(shadow_probabilities(s, images, decimals), labels, decimals=decimals)
+                logit_confidence(
+                    shadow_probabilities(s, images, decimals), labels, decimals=decimals
+                )
                 for s in shadows
             ]
         )  # (shadows, candidates)

@@ -68,7 +68,10 @@ class ShadowSettings:
 
 
 def train_shadows(
-    settings: ShadowSettings, *, image_shape: tuple[int, ...], progress: ShadowProgress | None = None
+    settings: ShadowSettings,
+    *,
+    image_shape: tuple[int, ...],
+    progress: ShadowProgress | None = None,
 ) -> tuple[list[Shadow], torch.Tensor, torch.Tensor]:
     """``settings.shadows`` models, each on a seeded random ``size`` images of the pool (half by
     default); returns them with the pool's images and labels. Costs no query."""
@@ -113,7 +116,7 @@ def shadow_probabilities(
     shadow: Shadow, images: torch.Tensor | np.ndarray, decimals: int | None
 ) -> np.ndarray:
     """A shadow's float64 probabilities, rounded as the target's policy rounds."""
-    logits = predict_logits(shadow.model, torch.as_tensor(np.asarray(images)))
+    logits = predict_logits(shadow.model, torch.tensor(np.asarray(images)))  # a copy: writable
     probabilities = log_probabilities(logits).exp().numpy()
     return probabilities if decimals is None else probabilities.round(decimals)
 

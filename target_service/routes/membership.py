@@ -51,7 +51,7 @@ def list_challenges(service: ServiceDep, _: AdminDep) -> list[MembershipChalleng
     return [_admin_view(row) for row in service.store.list_membership_challenges()]
 
 
-@admin_router.get("/{challenge_id}", responses=documented(404))
+@admin_router.get("/{challenge_id}", responses=documented(404, 422))
 def get_any_challenge(
     challenge_id: str, service: ServiceDep, _: AdminDep
 ) -> MembershipChallengeView:

@@ -54,12 +54,18 @@ def new_client(app: TestClient, name: str, budget: int = 100) -> tuple[str, dict
     return body.json()["client_id"], {"Authorization": f"Bearer {body.json()['api_key']}"}
 
 
-def open_challenge(app: TestClient, client_id: str, n: int = 40, seed: int = 0) -> str:
-    response = app.post(
+def post_challenge(
+    app: TestClient, client_id: str, n: int, *, seed: int = 0, headers: dict[str, str] = ADMIN
+) -> Any:
+    return app.post(
         "/v1/admin/membership-challenges",
         json={"model": MODEL, "client_id": client_id, "n": n, "seed": seed},
-        headers=ADMIN,
+        headers=headers,
     )
+
+
+def open_challenge(app: TestClient, client_id: str, n: int = 40, seed: int = 0) -> str:
+    response = post_challenge(app, client_id, n, seed=seed)
     assert response.status_code == 201, response.text
     return response.json()["challenge_id"]
 
@@ -73,7 +79,9 @@ def candidates(payload: dict[str, Any]) -> np.ndarray:
 def truth_from_the_data(images: np.ndarray) -> np.ndarray:
     """What only a perfect oracle knows: which candidates are in the target's training split
     (and the others, in the held-out test split)."""
-    train = {image.tobytes() for image in load_dataset("mnist-embedded:target-train").images.numpy()}
+    train = {
+        image.tobytes() for image in load_dataset("mnist-embedded:target-train").images.numpy()
+    }
     test = {image.tobytes() for image in load_dataset("mnist-embedded:test").images.numpy()}
     members = np.array([image.tobytes() in train for image in images])
     assert all(image.tobytes() in test for image in images[~members])
@@ -122,9 +130,10 @@ def test_the_candidates_never_reveal_membership_and_a_perfect_oracle_scores_auc_
         headers=key,
     )
     assert again.status_code == 409 and again.json()["error"]["code"] == "already_submitted"
-    assert app.get(f"/v1/admin/membership-challenges/{challenge_id}", headers=ADMIN).json()[
-        "result"
-    ] == kept["result"]
+    assert (
+        app.get(f"/v1/admin/membership-challenges/{challenge_id}", headers=ADMIN).json()["result"]
+        == kept["result"]
+    )
     assert app.get(f"/v1/membership-challenges/{challenge_id}", headers=key).json()["submitted"]
 
 
@@ -199,12 +208,7 @@ def test_bad_challenges_are_refused(
 
 def test_only_the_admin_opens_challenges(app: TestClient) -> None:
     client_id, key = new_client(app, "sneaky")
-    response = app.post(
-        "/v1/admin/membership-challenges",
-        json={"model": MODEL, "client_id": client_id, "n": 10, "seed": 0},
-        headers=key,
-    )
-    assert response.status_code == 403
+    assert post_challenge(app, client_id, 10, headers=key).status_code == 403
 
 
 def test_results_survive_a_restart(state_dir: Path, trained_checkpoints: Path) -> None:
@@ -219,7 +223,10 @@ def test_results_survive_a_restart(state_dir: Path, trained_checkpoints: Path) -
         )
         result = app.get(f"/v1/admin/membership-challenges/{challenge_id}", headers=ADMIN).json()
     with make_app(state_dir, trained_checkpoints) as app:
-        assert app.get(f"/v1/admin/membership-challenges/{challenge_id}", headers=ADMIN).json() == result
+        assert (
+            app.get(f"/v1/admin/membership-challenges/{challenge_id}", headers=ADMIN).json()
+            == result
+        )
         again = app.get(f"/v1/membership-challenges/{challenge_id}", headers=key).json()
         assert again["images"] == images and again["submitted"]
         refused = app.post(
@@ -228,3 +235,58 @@ def test_results_survive_a_restart(state_dir: Path, trained_checkpoints: Path) -
             headers=key,
         )
         assert refused.status_code == 409
+
+
+def _resave(source: Path, target_dir: Path, **changes: Any) -> Path:
+    """``lenet5-mnist.pt`` from ``source`` saved into ``target_dir`` with another dataset or
+    provenance (as a model trained on a subset or a condensed set records its members)."""
+    from mlcore.checkpoints import load_checkpoint, save_checkpoint
+
+    checkpoint = load_checkpoint(source / f"{MODEL}.pt")
+    save_checkpoint(
+        target_dir / f"{MODEL}.pt",
+        checkpoint.model,
+        arch=checkpoint.arch,
+        arch_kwargs=checkpoint.arch_kwargs,
+        dataset=changes.get("dataset", checkpoint.dataset),
+        provenance=changes.get("provenance", {}),
+    )
+    return target_dir
+
+
+def test_members_recorded_in_the_checkpoint_are_the_members_drawn(
+    tmp_path: Path, trained_checkpoints: Path
+) -> None:
+    recorded = [3, 10, 11, 42, 100, 512, 777, 1000, 2048, 2499]
+    checkpoints = _resave(
+        trained_checkpoints,
+        tmp_path / "subset",
+        provenance={"members": {"dataset": "mnist-embedded:target-train", "indices": recorded}},
+    )
+    with make_app(tmp_path / "state", checkpoints) as app:
+        client_id, key = new_client(app, "subset")
+        challenge_id = open_challenge(app, client_id, n=20)
+        images = candidates(
+            app.get(f"/v1/membership-challenges/{challenge_id}", headers=key).json()
+        )
+        train = load_dataset("mnist-embedded:target-train").images.numpy()
+        expected = {train[i].tobytes() for i in recorded}
+        members = truth_from_the_data(images)
+        assert {image.tobytes() for image in images[members]} == expected
+        too_many = post_challenge(app, client_id, 22)
+        assert too_many.status_code == 422
+        assert (
+            "needs 11 members in mnist-embedded:target-train" in too_many.json()["error"]["message"]
+        )
+
+
+def test_a_model_without_registry_members_is_refused(
+    tmp_path: Path, trained_checkpoints: Path
+) -> None:
+    checkpoints = _resave(trained_checkpoints, tmp_path / "upload", dataset="upload:abc123")
+    with make_app(tmp_path / "state", checkpoints) as app:
+        client_id, _ = new_client(app, "nobody")
+        response = post_challenge(app, client_id, 10)
+        assert response.status_code == 422
+        assert response.json()["error"]["code"] == "no_members"
+        assert "'upload:abc123'" in response.json()["error"]["message"]
