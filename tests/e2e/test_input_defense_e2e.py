@@ -21,8 +21,8 @@ import httpx2
 import numpy as np
 import pytest
 import torch
-from attacker.transfer.pgd import PGD
 
+from mlcore.adversarial import PGD
 from mlcore.checkpoints import load_checkpoint
 from mlcore.datasets import load_dataset
 from mlcore.training import predict_labels
