@@ -70,7 +70,8 @@ from defenses.sanitization.detector import (  # noqa: E402
 )
 from defenses.sanitization.evaluation import compare_scores  # noqa: E402
 from defenses.sanitization.heldout import held_out_split  # noqa: E402
-from defenses.sanitization.tables import sanitization_table  # noqa: E402
+from defenses.sanitization.selection import confident_subset  # noqa: E402
+from defenses.sanitization.tables import PAPER_THRESHOLDS, sanitization_table  # noqa: E402
 from mlcore.adversarial import IGSM, PGD, CarliniWagnerL2  # noqa: E402
 from mlcore.checkpoints import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from mlcore.datasets import load_dataset  # noqa: E402
@@ -128,7 +129,13 @@ def train_parent(folder: Path, *, epochs: int, seed: int, data_root: Path | None
 
 def tables(args: argparse.Namespace, parent: Path, out: Path, seed: int) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    for method in ("self", "canonical"):
+    # every paper self threshold is sized (cheap) even when only some are trained
+    checkpoint = load_checkpoint(parent)
+    train = load_dataset(checkpoint.dataset, data_root=args.data_root)
+    result["self_sizes"] = {
+        t: len(confident_subset(checkpoint.model, train, t)) for t in PAPER_THRESHOLDS["self"]
+    }
+    for method in args.methods:
         rows, canonical = sanitization_table(
             parent,
             method=method,
@@ -459,7 +466,9 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     started = time.perf_counter()
     work = args.work / f"seed-{seed}"
     work.mkdir(parents=True, exist_ok=True)
-    parent = train_parent(work, epochs=args.epochs, seed=seed, data_root=args.data_root)
+    parent = work / f"{MODEL}.pt"
+    if not parent.exists() or load_checkpoint(parent).metrics.get("epochs") != args.epochs:
+        parent = train_parent(work, epochs=args.epochs, seed=seed, data_root=args.data_root)
     parent_checkpoint = load_checkpoint(parent)
     result: dict[str, Any] = {"seed": seed, "parent": parent_checkpoint.metrics}
     if "tables" in args.sections or "attacks" in args.sections:
@@ -508,20 +517,39 @@ def markdown(runs: list[dict[str, Any]], args: argparse.Namespace, command: str)
 def _tables_md(runs: list[dict[str, Any]]) -> list[str]:
     parent = ms([r["parent"]["test_accuracy"] for r in runs])
     out = [f"Parent (unsanitised) test accuracy {parent}.", ""]
-    canon = [r["tables"]["canonical"]["canonical"] for r in runs]
+    sizes = [r["tables"]["self_sizes"] for r in runs]
     out += [
-        f"Canonical model: {canon[0]['font_count']} fonts, {canon[0]['images']} rendered images, "
-        f"{canon[0]['epochs']} epochs; accuracy on its 20% {ms([c['held_out_accuracy'] for c in canon])}"
-        f" (paper {PAPER_CANONICAL_ACCURACY:.1%}), on {canon[0]['test_data']} test "
-        f"{ms([c['test_accuracy'] for c in canon])}.",
+        f"Self-sanitisation set sizes at every paper threshold (of "
+        f"{runs[0]['parent']['train_size']}, parent {runs[0]['parent']['epochs']} epochs; "
+        "per seed): "
+        + "; ".join(
+            f"{t}: {' / '.join(str(size[t]) for size in sizes)} (paper {PAPER_TABLE2[t]})"
+            for t in PAPER_THRESHOLDS["self"]
+        ),
         "",
     ]
-    for method, paper, title in (
-        ("canonical", PAPER_TABLE1, "Table 1 (canonical)"),
-        ("self", PAPER_TABLE2, "Table 2 (self)"),
-    ):
+    methods = [m for m in ("canonical", "self") if m in runs[0]["tables"]]
+    canon = [r["tables"]["canonical"]["canonical"] for r in runs if "canonical" in r["tables"]]
+    out += (
+        []
+        if not canon
+        else [
+            f"Canonical model: {canon[0]['font_count']} fonts, {canon[0]['images']} rendered "
+            "images, "
+            f"{canon[0]['epochs']} epochs; accuracy on its 20% "
+            f"{ms([c['held_out_accuracy'] for c in canon])}"
+            f" (paper {PAPER_CANONICAL_ACCURACY:.1%}), on {canon[0]['test_data']} test "
+            f"{ms([c['test_accuracy'] for c in canon])}.",
+            "",
+        ]
+    )
+    titles = {"canonical": (PAPER_TABLE1, "Table 1 (canonical)"),
+              "self": (PAPER_TABLE2, "Table 2 (self)")}  # fmt: skip
+    for method in methods:
+        paper, title = titles[method]
+        size = runs[0]["tables"][method]["rows"][0]["train_size"]
         out += [
-            f"**{title}**: training images left (of {runs[0]['tables'][method]['rows'][0]['train_size']}),"
+            f"**{title}**: training images left (of {size}),"
             " epochs of parent / sanitised model, sanitised model's clean accuracy",
             "",
             "| threshold | kept (per seed) | epochs parent / sanitised | clean accuracy | "
@@ -530,11 +558,11 @@ def _tables_md(runs: list[dict[str, Any]]) -> list[str]:
         ]
         for i, row in enumerate(runs[0]["tables"][method]["rows"]):
             per = [r["tables"][method]["rows"][i] for r in runs]
-            notes = {p["note"] for p in per if p["note"]}
+            notes = "; ".join(sorted({p["note"] for p in per if p["note"]}))
             out.append(
                 f"| {row['threshold']} | {' / '.join(str(p['kept']) for p in per)} | "
                 f"{row['parent_epochs']} / {row['sanitized_epochs']} | "
-                f"{ms([p['clean_accuracy'] for p in per])}{' (' + '; '.join(notes) + ')' if notes else ''} | "
+                f"{ms([p['clean_accuracy'] for p in per])}{f' ({notes})' if notes else ''} | "
                 f"{paper.get(row['threshold'], '')} |"
             )
         out.append("")
@@ -552,7 +580,8 @@ def _attacks_md(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[st
         out += [
             f"#### Pair: {pair_name} ({len(per)} seeds; IGSM eps 0.3, step 0.05 on the "
             f"{normal[0]['images']} evaluation-half images; C&W on {args.cw_images} of them, "
-            f"{args.cw_search} binary-search steps x {args.cw_steps} Adam steps, random wanted class)",
+            f"{args.cw_search} binary-search steps x {args.cw_steps} Adam steps, random wanted "
+            "class)",
             "",
             "**Fig. 2-3**: accuracy on IGSM examples (crafted on the unsanitised model); C&W L2",
             "",
@@ -668,6 +697,18 @@ def _range_md(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[str]
     return out
 
 
+def _float_keys(entry: dict[str, Any]) -> dict[Any, Any]:
+    """JSON turned the pass rates and thresholds used as keys into strings: turn them back."""
+
+    def key(text: str) -> Any:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    return {key(k): v for k, v in entry.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="runs, each retraining every model")
@@ -689,13 +730,19 @@ def main() -> int:
     parser.add_argument("--twin-threshold", type=float, default=0.99999)
     parser.add_argument("--kl-weight", type=float, default=1.0)
     parser.add_argument("--throughput-passes", type=int, default=4)
+    parser.add_argument("--methods", nargs="+", default=["self", "canonical"],
+                        choices=["self", "canonical"], help="sanitisation tables to train")  # fmt: skip
+    parser.add_argument("--self-thresholds", type=float, nargs="+", default=None,
+                        help="self thresholds to train (default the paper's Table 2)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny everything: the cost")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only re-render the markdown of --output (run with the same options)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=ROOT / "reports" / "sanitization")
     parser.add_argument("--output", type=Path, default=ROOT / "reports" / "sanitization.json")
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
-    args.thresholds = {}
+    args.thresholds = {"self": args.self_thresholds} if args.self_thresholds else {}
     if args.quick:
         args.seeds, args.epochs, args.canonical_epochs = 1, 5, 2
         args.cw_images, args.cw_steps, args.cw_search, args.attack_seeds = 5, 10, 2, 5
@@ -703,16 +750,22 @@ def main() -> int:
         args.twin_threshold, args.throughput_passes = 0.9, 1
         args.thresholds = {"self": (0.9, 0.99), "canonical": (0.7, 0.9999)}
     args.drmi_cache = {}
+    command = "OMP_NUM_THREADS=1 python benchmarks/sanitization.py " + " ".join(sys.argv[1:])
+    if args.report_only:
+        runs = json.loads(args.output.read_text(encoding="utf-8"), object_hook=_float_keys)
+        text = markdown(runs, args, command.replace(" --report-only", "").strip())
+        args.output.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
+        print(text)
+        return 0
     torch.set_num_threads(1)
     runs = []
-    for seed in range(args.seeds):
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    for seed in range(args.seeds):  # the report is rewritten after every seed
         runs.append(run_seed(args, seed))
         print(f"seed {seed} done in {runs[-1]['seconds']} s", file=sys.stderr, flush=True)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(runs, indent=1, default=str) + "\n", encoding="utf-8")
-    command = "OMP_NUM_THREADS=1 python benchmarks/sanitization.py " + " ".join(sys.argv[1:])
-    text = markdown(runs, args, command.strip())
-    args.output.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
+        args.output.write_text(json.dumps(runs, indent=1, default=str) + "\n", encoding="utf-8")
+        text = markdown(runs, args, command.strip())
+        args.output.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
     print(text)
     return 0
 
