@@ -569,6 +569,11 @@ def _tables_md(runs: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def cell(text: str) -> str:
+    """A markdown table cell: a '|' in the text (``kl|disagree``) would split it."""
+    return text.replace("|", "&#124;")
+
+
 def _attacks_md(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
     out: list[str] = []
     for pair_name in runs[0]["attacks"]:
@@ -621,13 +626,13 @@ def _attacks_md(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[st
                 cells = " | ".join(ms([d["detection"][rate] for d in det]) for rate in PASS_RATES)
                 paper = f"{PAPER_TABLE4[name]:.2%}" if kind == "kl" else ""
                 out.append(
-                    f"| {name} | {kind} | {cells} | {ms([d['roc_auc'] for d in det], '.3f')} | "
+                    f"| {name} | {cell(kind)} | {cells} | {ms([d['roc_auc'] for d in det], '.3f')} | "
                     f"{paper} |"
                 )
         for kind in kinds:
             det = [p["examples"]["IGSM-5"]["detection"][kind] for p in per]
             cells = " | ".join(ms([d["false_reject"][rate] for d in det]) for rate in PASS_RATES)
-            out.append(f"| normal: false rejects | {kind} | {cells} | | |")
+            out.append(f"| normal: false rejects | {cell(kind)} | {cells} | | |")
         out += [
             "",
             "**Table 5**: the framework (reject above the KL threshold, else the sanitised model"
@@ -731,12 +736,12 @@ def main() -> int:
     parser.add_argument("--kl-weight", type=float, default=1.0)
     parser.add_argument("--throughput-passes", type=int, default=4)
     parser.add_argument("--methods", nargs="+", default=["self", "canonical"],
-                        choices=["self", "canonical"], help="sanitisation tables to train")  # fmt: skip
+                        choices=["self", "canonical"], help="tables to train")  # fmt: skip
     parser.add_argument("--self-thresholds", type=float, nargs="+", default=None,
                         help="self thresholds to train (default the paper's Table 2)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny everything: the cost")
     parser.add_argument("--report-only", action="store_true",
-                        help="only re-render the markdown of --output (run with the same options)")  # fmt: skip
+                        help="re-render --output's markdown (same options)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=ROOT / "reports" / "sanitization")
     parser.add_argument("--output", type=Path, default=ROOT / "reports" / "sanitization.json")
     args = parser.parse_args()
