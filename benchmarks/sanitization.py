@@ -178,7 +178,11 @@ def combined_detection(
             ("adversarial", adversarial),
         )
     }
-    thresholds = {rate: score_threshold("kl", scores["calibration"], rate) for rate in PASS_RATES}
+    # when disagreements alone exceed 1 - pass rate, the pass rate cannot be met: still flag them
+    thresholds = {
+        rate: min(score_threshold("kl", scores["calibration"], rate), UNBOUNDED / 2)
+        for rate in PASS_RATES
+    }
     return {
         "roc_auc": roc_auc(scores["evaluation"], scores["adversarial"]),
         "thresholds": thresholds,
@@ -261,15 +265,20 @@ def attacks(args: argparse.Namespace, pair: SanitizedPair, seed: int) -> dict[st
         entry: dict[str, Any] = {"images": len(rows)}
         for name, model in (("parent", pair.parent), ("sanitized", pair.sanitized)):
             attack = CarliniWagnerL2(
-                kappa=kappa, binary_search_steps=args.cw_search, steps=args.cw_steps
+                kappa=kappa,
+                binary_search_steps=args.cw_search,
+                steps=args.cw_steps,
+                initial_const=args.cw_const,
             )
             adversarial = attack(model, cw_x, target=wanted)
             hit = predict_logits(model, adversarial).argmax(dim=1) == wanted
             l2 = (adversarial - cw_x).flatten(1).norm(dim=1)
             entry[f"{name}_success"] = float(hit.float().mean())
             entry[f"{name}_mean_l2"] = float(l2[hit].mean()) if hit.any() else None
-            if name == "parent":
-                entry["detection"] = detection(pair, adversarial, args)
+            if name == "parent":  # detection of the examples that fool the unsanitised model
+                entry["detected_examples"] = int(hit.sum())
+                if hit.any():
+                    entry["detection"] = detection(pair, adversarial[hit], args)
         result["examples"][kw(kappa)] = entry
     return result
 
@@ -622,7 +631,13 @@ def _attacks_md(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[st
         ]
         for name in per[0]["examples"]:
             for kind in kinds:
-                det = [p["examples"][name]["detection"][kind] for p in per]
+                det = [
+                    p["examples"][name]["detection"][kind]
+                    for p in per
+                    if "detection" in p["examples"][name]
+                ]
+                if not det:
+                    continue
                 cells = " | ".join(ms([d["detection"][rate] for d in det]) for rate in PASS_RATES)
                 paper = f"{PAPER_TABLE4[name]:.2%}" if kind == "kl" else ""
                 out.append(
@@ -730,6 +745,8 @@ def main() -> int:
     parser.add_argument("--cw-images", type=int, default=100)
     parser.add_argument("--cw-steps", type=int, default=100)
     parser.add_argument("--cw-search", type=int, default=5)
+    # few search steps: start c high enough that the first ones already succeed
+    parser.add_argument("--cw-const", type=float, default=1.0, help="C&W initial c")
     parser.add_argument("--k", type=int, default=300, help="labels each substitute buys")
     parser.add_argument("--attack-seeds", type=int, default=50, help="seed images (x9 targets)")
     parser.add_argument("--twin-threshold", type=float, default=0.99999)
