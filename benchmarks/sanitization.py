@@ -317,25 +317,28 @@ def rethreshold(pair_path: Path, parent_path: Path, kind: str, pass_rate: float,
 def range_folders(
     args: argparse.Namespace, parent: Path, work: Path, seed: int
 ) -> dict[tuple[str, float], tuple[Path, dict[str, Any]]]:
-    """One checkpoint folder per (kind, pass rate): the parent and its self pair."""
-    base = work / "kl-0.98"
-    base.mkdir(parents=True, exist_ok=True)
-    shutil.copy(parent, base / f"{MODEL}.pt")
+    """One checkpoint folder per (kind, pass rate): the parent and its self pair (a rerun with
+    the same ``--work`` reuses them)."""
     spec = {"kind": "kl-sanitized", "mode": "framework", "method": "self",
             "threshold": args.range_threshold, "pass_rate": 0.98, "seed": seed}  # fmt: skip
     if args.sanitized_epochs:
         spec["epochs"] = args.sanitized_epochs
-    build_pair(MODEL, base, InputDefenseSpec(**spec), data_root=None)
+    base = work / "kl-sanitized-0.98"
     pair_file = base / f"{MODEL}.sanitized-self.pt"
+    if not pair_file.exists():
+        base.mkdir(parents=True, exist_ok=True)
+        shutil.copy(parent, base / f"{MODEL}.pt")
+        build_pair(MODEL, base, InputDefenseSpec(**spec), data_root=None)
     folders = {("kl-sanitized", 0.98): (base, spec)}
-    for _name, kind, _mode, rate in RANGE_CONFIGS:
+    score = {"kl-sanitized": "kl", "js-sanitized": "js", "disagree-sanitized": "disagree"}
+    for _name, kind, _mode, rate in args.range_configs:
         if kind is None or (kind, rate) in folders:
             continue
         folder = work / f"{kind}-{rate}"
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(parent, folder / f"{MODEL}.pt")
-        score = {"kl-sanitized": "kl", "js-sanitized": "js", "disagree-sanitized": "disagree"}
-        rethreshold(pair_file, base / f"{MODEL}.pt", score[kind], rate, folder / pair_file.name)
+        if not (folder / pair_file.name).exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(parent, folder / f"{MODEL}.pt")
+            rethreshold(pair_file, base / f"{MODEL}.pt", score[kind], rate, folder / pair_file.name)
         folders[(kind, rate)] = (folder, spec | {"kind": kind, "pass_rate": rate})
     return folders
 
@@ -347,10 +350,10 @@ def substitutes(args, server: LiveServer, seed: int) -> dict[str, Any]:
     _id, key = admin_create_client(server, "extractor", budget=10_000_000)
     found = {}
     with HttpOracle(server.url, key, MODEL) as oracle:
-        for strategy in SUBSTITUTES:
+        for strategy in args.substitutes:
             started = time.perf_counter()
             if strategy == "jbda":
-                result = jbda_extract(oracle, pool, k=args.k, seed=seed)
+                result = jbda_extract(oracle, pool, k=args.k, seed=seed)  # its own epochs
             else:
                 if strategy == "drmi":
                     if "drmi" not in args.drmi_cache:  # deterministic: select once
@@ -362,7 +365,7 @@ def substitutes(args, server: LiveServer, seed: int) -> dict[str, Any]:
                 else:
                     selector = make_selector("random", seed=seed)
                     indices = selector(pool.images.numpy(), pool.labels.numpy(), k=args.k).indices
-                result = extract(oracle, pool, indices, seed=seed)
+                result = extract(oracle, pool, indices, epochs=args.substitute_epochs, seed=seed)
             accuracy = accuracy_of(
                 predict_logits(result.substitute, test.images), test.labels.numpy()
             )
@@ -418,7 +421,7 @@ def serve_range(args: argparse.Namespace, parent: Path, work: Path, seed: int) -
     result: dict[str, Any] = {"configs": {}}
     subs: dict[str, Any] = {}
     twin: Any = None
-    for name, kind, mode, rate in RANGE_CONFIGS:
+    for name, kind, mode, rate in args.range_configs:
         env: dict[str, Any] = {"detectors": {MODEL: {}}}
         folder = folders[("kl-sanitized", 0.98)][0]
         if kind is not None:
@@ -688,7 +691,7 @@ def _range_md(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[str]
     ]
     configs = list(runs[0]["range"]["configs"])
     for name in configs:
-        for attacker in [*SUBSTITUTES, "adaptive"]:
+        for attacker in [*runs[0]["range"]["substitutes"], "adaptive"]:
             a = [r["range"]["configs"][name]["attacks"][attacker] for r in runs]
             out.append(
                 f"| {name} | {attacker} | {ms([x['transferability_all'] for x in a])} | "
@@ -756,6 +759,11 @@ def main() -> int:
                         choices=["self", "canonical"], help="tables to train")  # fmt: skip
     parser.add_argument("--self-thresholds", type=float, nargs="+", default=None,
                         help="self thresholds to train (default the paper's Table 2)")  # fmt: skip
+    parser.add_argument("--configs", nargs="+", default=[c[0] for c in RANGE_CONFIGS],
+                        choices=[c[0] for c in RANGE_CONFIGS], help="the range's configurations")  # fmt: skip
+    parser.add_argument("--substitutes", nargs="+", default=list(SUBSTITUTES),
+                        choices=SUBSTITUTES)  # fmt: skip
+    parser.add_argument("--substitute-epochs", type=int, default=30, help="batch 4")
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny everything: the cost")
     parser.add_argument("--report-only", action="store_true",
                         help="re-render --output's markdown (same options)")  # fmt: skip
@@ -772,6 +780,10 @@ def main() -> int:
         args.twin_threshold, args.throughput_passes = 0.9, 1
         args.thresholds = {"self": (0.9, 0.99), "canonical": (0.7, 0.9999)}
     args.drmi_cache = {}
+    if "undefended" not in args.configs or "random" not in args.substitutes:
+        parser.error("--configs needs 'undefended' (the throughput baseline) and --substitutes "
+                     "'random' (the adaptive attacker's)")  # fmt: skip
+    args.range_configs = [c for c in RANGE_CONFIGS if c[0] in args.configs]
     command = "OMP_NUM_THREADS=1 python benchmarks/sanitization.py " + " ".join(sys.argv[1:])
     if args.report_only:
         runs = json.loads(args.output.read_text(encoding="utf-8"), object_hook=_float_keys)
