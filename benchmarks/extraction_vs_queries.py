@@ -355,7 +355,9 @@ def to_markdown(summary: list[dict[str, Any]], ks: list[int]) -> str:
                         cells.append("")
                         continue
                     r = match[0]
-                    cell = f"{r[figure + '_mean']:.2%} ± {r[figure + '_std']:.2%}"
+                    cell = f"{r[figure + '_mean']:.2%}"
+                    if r["seeds"] > 1:  # one seed has no spread to show
+                        cell += f" ± {r[figure + '_std']:.2%}"
                     if r["seeds"] < max_seeds:
                         cell += f" (n={r['seeds']})"
                     if r["queries_paid_max"] != k:

@@ -3,7 +3,7 @@ extraction run still covers every strategy and budget."""
 
 from attacker.selection import SELECTORS
 from attacker.selection.online import ADAPTIVE_METHODS
-from benchmarks.extraction_vs_queries import seed_major
+from benchmarks.extraction_vs_queries import seed_major, to_markdown
 from benchmarks.strategies import discover
 
 
@@ -31,3 +31,15 @@ def test_seed_major_puts_every_strategy_and_budget_of_a_seed_before_the_next_see
     assert {(job["strategy"], job["k"]) for job in ordered[:4]} == {
         ("a", 50), ("a", 600), ("b", 50), ("b", 600),
     }  # fmt: skip
+
+
+def test_markdown_shows_a_spread_only_over_several_seeds():
+    row = {"setting": "embedded", "strategy": "random", "k": 50, "queries_paid_max": 50}
+    summary = [
+        row | {"seeds": 1, "accuracy_mean": 0.5, "accuracy_std": 0.0}
+        | {"agreement_mean": 0.5, "agreement_std": 0.0},
+        row | {"k": 150, "queries_paid_max": 150, "seeds": 2, "accuracy_mean": 0.8}
+        | {"accuracy_std": 0.01, "agreement_mean": 0.8, "agreement_std": 0.01},
+    ]  # fmt: skip
+    table = to_markdown(summary, [50, 150])
+    assert "| random | 50.00% (n=1) | 80.00% ± 1.00% [84.97%] |" in table
