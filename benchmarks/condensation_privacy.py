@@ -17,7 +17,8 @@ Per seed, every target is LeNet-5 on ``mnist-embedded:target-train`` (test: ``mn
 - ``dm-noise-uploaded``: the same DM set as ``dm-noise``, written as ``defender condense`` does
   (npz with its provenance), uploaded and trained through the training-jobs API.
 
-All are served with the ``probabilities`` output policy and no detectors. Each attack plays one
+All are served with the ``probabilities:6`` output policy (probabilities to 6 decimals; the
+plain ``probabilities`` rounds to 2, which ties most confident answers) and no detectors. Each attack plays one
 challenge of ``--n`` balanced candidates per target and seed (fewer where a target has fewer
 members); shadow models (shadow, LiRA) are trained once per seed on the attacker's pool and
 shared by both attacks; condensed sets and checkpoints are cached under ``--cache-dir``.
@@ -65,6 +66,7 @@ ATTACKS = ("threshold", "shadow", "lira", "gap", "augmentation")
 SHADOW_ATTACKS = ("shadow", "lira")
 CONDENSED = (("dm", "noise"), ("dm", "real"), ("dc", "noise"), ("dc", "real"))
 UPLOADED_EPOCHS = 200  # the training-jobs API's most
+POLICY = "probabilities:6"  # the finest the service serves (plain "probabilities" rounds to 2)
 POSTER = {"real": "MIA about 62%", "dm-noise": "about 41% (condensed)"}
 
 
@@ -189,7 +191,7 @@ def uploaded_targets(
             arch="lenet5",
             recipe={"epochs": args.upload_epochs, "batch_size": 32, "seed": seed},
             name=row,
-            output_policy="probabilities",
+            output_policy=POLICY,
             detectors={},
         )
         jobs[row] = queued
@@ -219,7 +221,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
     names = hosted_targets(args, seed, cache)
     workdir = Path(tempfile.mkdtemp(prefix="bench-condensation-privacy-"))
     env = {
-        "output_policies": dict.fromkeys(names.values(), "probabilities"),
+        "output_policies": dict.fromkeys(names.values(), POLICY),
         "detectors": {name: {} for name in names.values()},
         "training_workers": 1,
         "calibration_clients": 0,
@@ -313,6 +315,28 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(paths: list[Path], out: Path) -> None:
+    """One table from runs of the same settings on other seeds."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    settings = [
+        {k: v for k, v in run["settings"].items() if k not in ("seeds", "out")} for run in runs
+    ]
+    if any(other != settings[0] for other in settings[1:]):
+        raise SystemExit(f"the runs to merge differ in their settings: {settings}")
+    results = [result for run in runs for result in run["results"]]
+    args = argparse.Namespace(attacks=runs[0]["settings"]["attacks"])
+    payload = {
+        "commands": [run["command"] for run in runs],
+        "started": [run["started"] for run in runs],
+        "settings": settings[0],
+        "results": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(results, args))
+    print(markdown(results, args))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -332,7 +356,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "results" / "condensation_cache")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "condensation_privacy")
     parser.add_argument("--quick", action="store_true", help="one seed, tiny settings (minutes)")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="only merge the .json of runs of other seeds (e.g. run in parallel) into --out",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     if args.quick:
         args.seeds, args.dm_iterations, args.dc_iterations, args.dc_outer = [0], 2, 1, 1
         args.n, args.shadows, args.shadow_epochs, args.upload_epochs = 200, 2, 3, 50
