@@ -66,6 +66,10 @@ ATTACKS = ("threshold", "shadow", "lira", "gap", "augmentation")
 SHADOW_ATTACKS = ("shadow", "lira")
 CONDENSED = (("dm", "noise"), ("dm", "real"), ("dc", "noise"), ("dc", "real"))
 UPLOADED_EPOCHS = 200  # the training-jobs API's most
+ROWS = (
+    "real", "subset-own-images", "subset-of-owner",
+    *(f"{method}-{init}" for method, init in CONDENSED), "dm-noise-uploaded",
+)  # fmt: skip
 POLICY = "probabilities:6"  # the finest the service serves (plain "probabilities" rounds to 2)
 POSTER = {"real": "MIA about 62%", "dm-noise": "about 41% (condensed)"}
 
@@ -132,6 +136,7 @@ def hosted_targets(args: argparse.Namespace, seed: int, cache: Path) -> dict[str
     }
     for method, init in CONDENSED:
         names[f"{method}-{init}"] = derived_name(BASE, method=method, ipc=args.ipc, init=init)
+    names = {row: name for row, name in names.items() if row in args.rows}
     for row, name in names.items():
         if checkpoint_path(cache, name).exists():
             continue
@@ -176,7 +181,7 @@ def uploaded_targets(
     API; returns row -> the finished job."""
     config = condensation_config(args, "dm", "noise", seed)
     dm_noise = condensed_path(cache, config)
-    if not dm_noise.exists():  # the zoo checkpoint was cached but its set was not
+    if "dm-noise-uploaded" in args.rows and not dm_noise.exists():  # its set was not cached
         caching_condense(cache)(load_dataset(target_spec(BASE).train_data), config)
     uploads = {
         "dm-noise-uploaded": dm_noise,
@@ -248,8 +253,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
         targets.update(
             {row: (job["model"], job["metrics"]["test_accuracy"]) for row, job in jobs.items()}
         )
-        for row, (model, test_accuracy) in targets.items():
-            for attack in args.attacks:
+        for attack in args.attacks:  # every target per attack: a stopped run has whole columns
+            for row, (model, test_accuracy) in targets.items():
                 n = min(args.n, 2 * args.ipc * 10) if row == "subset-own-images" else args.n
                 opened = admin.post(
                     "/v1/admin/membership-challenges",
@@ -350,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="zoo epochs [the spec's]")
     parser.add_argument("--upload-epochs", type=int, default=UPLOADED_EPOCHS)
     parser.add_argument("--n", type=int, default=1000, help="candidates per challenge [1000]")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="targets")
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     parser.add_argument("--shadows", type=int, default=8, help="shadow models (shadow, LiRA)")
     parser.add_argument("--shadow-epochs", type=int, default=15)
