@@ -29,7 +29,7 @@ from mlcore.datasets import load_dataset
 from mlcore.training import predict_labels
 from mlcore.wire import encode_tensor
 from target_service.app import create_app
-from target_service.datasets import validate_npz
+from target_service.datasets import declared_members, validate_npz
 from target_service.errors import ServiceError
 from target_service.settings import Settings
 from target_service.state import StateStore
@@ -286,6 +286,7 @@ def test_validate_npz_refuses(case: BadUpload, tmp_path: Path) -> None:
     classes = int(case.query.split("=")[1]) if case.query else None
     with pytest.raises(ServiceError) as caught:
         validate_npz(path, classes=classes, max_classes=1000, max_unpacked_bytes=10**9)
+        declared_members(path, data_root=None)  # the route's second check
     assert caught.value.code == case.code
     for text in case.mentions:
         assert text in caught.value.message
