@@ -5,19 +5,27 @@ float32 in [0, 1]) and ``labels`` (integers 0..classes-1). The route streams the
 temporary file under ``<state_dir>/datasets`` (so a large upload is never whole in memory),
 then ``validate_npz`` reads it with ``allow_pickle=False`` and the file is renamed to
 ``<dataset_id>.npz``. Every refusal names what was wrong; nothing is kept from a refused upload.
+
+An upload may also hold ``provenance``, a JSON string as ``defender condense`` writes it; its
+``members`` (``{"dataset": "name:split", "indices": [...]}``, the real images a condensed set was
+made from) go into the checkpoint of a model trained on it, so membership challenges can be
+opened on that model (``declared_members``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from mlcore.architectures import accepting_architectures
+from mlcore.datasets import DatasetError, load_dataset
 from target_service.errors import InvalidInput, PayloadTooLarge
 
 CHANNELS = (1, 3)
@@ -120,6 +128,51 @@ def _validate_arrays(
             f"no architecture accepts images of shape {list(image_shape)}", code="invalid_shape"
         )
     return DatasetSummary(len(images), list(image_shape), str(images.dtype), classes)
+
+
+def declared_members(path: Path, *, data_root: Path | None) -> dict[str, Any] | None:
+    """The members an upload declares in its ``provenance`` (None if it declares none), checked
+    as far as the service can: the dataset must be a registry split it can load and the indices
+    ints inside its range, else InvalidInput. Whether the images really came from
+    those members cannot be checked; the checkpoint records them as declared by the upload."""
+    with np.load(path, allow_pickle=False) as npz:
+        if "provenance" not in npz.files:
+            return None
+        stored = npz["provenance"]
+    try:
+        provenance = json.loads(str(stored.item())) if stored.ndim == 0 else None
+    except (ValueError, TypeError):
+        provenance = None
+    if not isinstance(provenance, dict):
+        raise InvalidInput(
+            "provenance must be one JSON object string (as defender condense writes it)",
+            code="invalid_provenance",
+        )
+    members = provenance.get("members")
+    if members is None:
+        return None
+    if not isinstance(members, dict) or not isinstance(members.get("indices"), list):
+        raise InvalidInput(
+            'provenance members must look like {"dataset": "name:split", "indices": [...]}',
+            code="invalid_provenance",
+        )
+    spec = str(members.get("dataset"))
+    try:
+        split_size = len(load_dataset(spec, data_root=data_root))
+    except DatasetError as exc:
+        raise InvalidInput(
+            f"provenance members name {spec[:100]!r}, not a dataset the service has: {exc}",
+            code="invalid_provenance",
+        ) from None
+    indices = members["indices"]
+    wrong = [i for i in indices if type(i) is not int or not 0 <= i < split_size]
+    if not indices or wrong:
+        raise InvalidInput(
+            f"provenance members must be indices in 0..{split_size - 1} of {spec}, got "
+            + (f"{len(wrong)} outside it, e.g. {str(wrong[0])[:20]}" if wrong else "none"),
+            code="invalid_provenance",
+        )
+    return {"dataset": spec, "indices": sorted(set(indices))}
 
 
 def load_arrays(path: Path) -> tuple[torch.Tensor, torch.Tensor]:

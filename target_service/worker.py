@@ -39,7 +39,7 @@ from defenses.mi_redundancy import calibrate_mi_reference
 from mlcore.architectures import arch_kwargs_for, build_model
 from mlcore.checkpoints import save_checkpoint
 from mlcore.training import accuracy, as_model_input, seed_everything, train_epoch
-from target_service.datasets import DatasetFiles, load_arrays
+from target_service.datasets import DatasetFiles, declared_members, load_arrays
 from target_service.errors import NotFound
 from target_service.settings import Settings
 from target_service.state import StateStore
@@ -388,9 +388,18 @@ class JobRunner:
             arch_kwargs=arch_kwargs,
             dataset=f"upload:{self.request.dataset_id}",
             metrics=metrics,
+            provenance=self._declared_provenance(),
         )
         if self.settings.calibration_clients > 0 and detectors:
             self._calibrate(detectors, benign, metrics)
+
+    def _declared_provenance(self) -> dict[str, Any]:
+        """The members the upload declared (checked at upload), so challenges can be opened."""
+        path = DatasetFiles(self.settings.state_dir / "datasets").path(self.request.dataset_id)
+        members = declared_members(path, data_root=self.settings.data_root)
+        if members is None:
+            return {}
+        return {"members": members, "members_declared_by": f"upload:{self.request.dataset_id}"}
 
     def _calibrate(
         self, detectors: dict[str, dict[str, Any]], benign: torch.Tensor, metrics: dict[str, Any]

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Query, Request, status
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from target_service.datasets import validate_npz
+from target_service.datasets import declared_members, validate_npz
 from target_service.deps import ClientDep, ServiceDep
 from target_service.errors import BODY_STATUSES, BodyTimeout, body_too_large, documented
 from target_service.service import TargetService
@@ -72,7 +72,8 @@ async def upload_dataset(
     ] = None,
 ) -> DatasetView:
     """The body is an ``.npz`` with ``images`` (uint8 (N, C, H, W) or (N, H, W), or float32 in
-    [0, 1]) and ``labels`` (integers 0..classes-1)."""
+    [0, 1]) and ``labels`` (integers 0..classes-1), and optionally ``provenance`` (a JSON
+    string; its ``members`` become the members of models trained on it)."""
     settings = service.settings
     limit = settings.max_dataset_bytes  # a declared Content-Length over it: 413 in app.py
     dataset_id = uuid.uuid4().hex[:16]
@@ -99,6 +100,7 @@ async def upload_dataset(
             max_classes=settings.max_dataset_classes,
             max_unpacked_bytes=settings.max_dataset_unpacked_bytes,
         )
+        await run_in_threadpool(declared_members, temporary, data_root=settings.data_root)
         service.dataset_files.keep(temporary, dataset_id)
     finally:
         temporary.unlink(missing_ok=True)

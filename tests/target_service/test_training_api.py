@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from mlcore.datasets import load_dataset
 from mlcore.training import predict_labels
 from mlcore.wire import encode_tensor
 from target_service.app import create_app
-from target_service.datasets import validate_npz
+from target_service.datasets import declared_members, validate_npz
 from target_service.errors import ServiceError
 from target_service.settings import Settings
 from target_service.state import StateStore
@@ -133,6 +134,11 @@ def run_queued_job(settings: Settings) -> None:
 # -- the npz validation table (unit) and the upload refusals (API) ---------------------------
 IMAGES, LABELS = digits(20)
 FLOATS = IMAGES.astype(np.float32) / 255
+
+
+def declared(dataset: str, indices: list[int]) -> np.ndarray:
+    """A provenance as ``defender condense`` writes it into its npz."""
+    return np.array(json.dumps({"members": {"dataset": dataset, "indices": indices}}))
 
 
 class BadUpload(NamedTuple):
@@ -249,6 +255,27 @@ BAD_UPLOADS = [
         "body_too_large",
         (str(MAX_UPLOAD),),
     ),
+    BadUpload(
+        "members-out-of-range",
+        npz(images=IMAGES, labels=LABELS, provenance=declared("mnist-embedded:test", [5, 1000])),
+        422,
+        "invalid_provenance",
+        ("0..999", "1000"),
+    ),
+    BadUpload(
+        "members-of-unknown-dataset",
+        npz(images=IMAGES, labels=LABELS, provenance=declared("mnist-embedded:nope", [1])),
+        422,
+        "invalid_provenance",
+        ("nope",),
+    ),
+    BadUpload(
+        "provenance-not-json",
+        npz(images=IMAGES, labels=LABELS, provenance=np.array("members: 1")),
+        422,
+        "invalid_provenance",
+        ("JSON",),
+    ),
 ]
 
 
@@ -259,6 +286,7 @@ def test_validate_npz_refuses(case: BadUpload, tmp_path: Path) -> None:
     classes = int(case.query.split("=")[1]) if case.query else None
     with pytest.raises(ServiceError) as caught:
         validate_npz(path, classes=classes, max_classes=1000, max_unpacked_bytes=10**9)
+        declared_members(path, data_root=None)  # the route's second check
     assert caught.value.code == case.code
     for text in case.mentions:
         assert text in caught.value.message
@@ -533,6 +561,49 @@ def test_trained_private_model_is_hosted_for_its_owner_only(
     assert [(e["image_epochs"], e["reason"]) for e in view["training_ledger"]] == [
         (200, "reserved")
     ]
+
+
+def test_members_declared_by_an_upload_can_be_challenged(
+    http: TestClient, app_settings: Settings
+) -> None:
+    """A condensed set's npz declares the real images it was made from; a model trained on it
+    through a job records them, and a membership challenge draws its members from them (a
+    model trained on an upload without a declaration has no members: 422 no_members)."""
+    key = create_client(http, "condenser")
+    client_id = account_by_name(http, "condenser")["client_id"]
+    images, labels = digits(40, seed=5)
+    members = list(range(0, 300, 3))  # 100 images of mnist-embedded:target-train
+    bodies = {
+        "declared": npz(
+            images=images,
+            labels=labels,
+            provenance=declared("mnist-embedded:target-train", members),
+        ),
+        "undeclared": npz(images=images, labels=labels),
+    }
+    challenges = {}
+    for name, body in bodies.items():
+        uploaded = upload(http, key, body, name=name)
+        assert uploaded.status_code == 201, uploaded.text
+        queued = submit(http, key, dataset_id=uploaded.json()["dataset_id"], name=name)
+        assert queued.status_code == 202, queued.text
+        run_queued_job(app_settings)
+        challenges[name] = http.post(
+            "/v1/admin/membership-challenges",
+            json={"model": f"u/condenser/{name}", "client_id": client_id, "n": 20, "seed": 1},
+            headers=ADMIN_HEADERS,
+        )
+    assert challenges["undeclared"].status_code == 422
+    assert challenges["undeclared"].json()["error"]["code"] == "no_members"
+    assert challenges["declared"].status_code == 201, challenges["declared"].text
+    state = StateStore(app_settings.state_path)
+    try:
+        stored = state.get_membership_challenge(challenges["declared"].json()["challenge_id"])
+    finally:
+        state.close()
+    assert stored["members_from"] == "mnist-embedded:target-train"
+    drawn = [index for is_member, index in stored["candidates"] if is_member]
+    assert len(drawn) == 10 and set(drawn) <= set(members)
 
 
 def test_public_model_with_mi_reference_from_the_uploaded_data(
