@@ -510,8 +510,10 @@ def _online_and_evaluate(
         online.method, online.params, k, result, oracle, test=test, target_labels=target_labels,
         seed=seed,
     )  # fmt: skip
-    record = {**run, "guide_source": online.guide_source, "rounds": rounds, **learnt}
-    return result, {**record, "semi_supervised": semi_supervised}
+    return result, {
+        **run, "guide_source": online.guide_source, "rounds": rounds, **learnt,
+        "semi_supervised": semi_supervised,
+    }  # fmt: skip
 
 
 @app.command("simulate-benign")
