@@ -19,6 +19,9 @@ feed them to the detectors and record the alarms, which the service then reads t
   detectors from the latest snapshot (never past the cursor) and the log after it, so every
   query is seen once by the detectors whose alarms count, and the alarms a rebuilt detector
   raises again are the same first alarms (kept once).
+- **Sharing.** A worker takes at most one new stream per pass, so workers started together
+  share the streams instead of the first one taking them all; it renews its leases every third
+  of the lease while it reads a stream's log, and stops reading a stream it has lost.
 - **Stopping.** SIGTERM (or SIGINT) finishes the pass, snapshots the streams it holds and frees
   their leases, so another worker resumes at once.
 
@@ -48,8 +51,13 @@ from target_service.zoo import load_hosted, load_user_model
 
 logger = logging.getLogger(__name__)
 
+NEW_STREAMS_PER_PASS = 1
 GROUP_PREFIX = "org:"
 ALL_CLIENTS = "all"
+
+
+class LeaseLost(Exception):
+    """Another worker took the stream this worker was reading."""
 
 
 class DetectionWorker:
@@ -80,6 +88,7 @@ class DetectionWorker:
         self._seen_through = 0  # entries up to here are in _last_entry
         self._pending: list[dict[str, Any]] = []  # alarms not yet committed
         self._reading_client = ""  # the client of the entry being fed (for group alarms)
+        self._renewed = 0.0  # time.monotonic() of the last renewal
 
     # -- one pass --------------------------------------------------------------------------------
     def step(self) -> int:
@@ -91,21 +100,40 @@ class DetectionWorker:
             (row["stream"], row["model"]): row["through_entry"]
             for row in self.store.detection_leases()
         }
-        moved, renewed = 0, time.monotonic()
+        moved, claimed = 0, 0
         for key, last in sorted(self._last_entry.items()):
-            if time.monotonic() - renewed > self.lease_seconds / 3:  # a long pass keeps its leases
-                self._renew()
-                renewed = time.monotonic()
-            if last > cursors.get(key, 0) and self._advance(*key):
+            if last <= cursors.get(key, 0):
+                continue
+            if key not in self.held:
+                if claimed >= NEW_STREAMS_PER_PASS or not self._claim(*key):
+                    continue
+                claimed += 1
+            if self._advance(*key):
                 moved += 1
         return moved
 
     def _renew(self) -> None:
         held = self.store.renew_detection_leases(self.token, lease_seconds=self.lease_seconds)
+        self._renewed = time.monotonic()
         for lost in self.held - held:
             logger.warning("lost the lease on %s / %s to another worker", *lost)
             self.hub.forget(*lost)
         self.held = held
+
+    def _claim(self, stream: str, model: str) -> bool:
+        """Take a free stream (or one whose owner's lease ran out): its detectors are rebuilt
+        from the snapshot and the log on first use."""
+        if not self._watches(model):
+            return False
+        cursor = self.store.claim_detection_stream(
+            stream, model, self.token, lease_seconds=self.lease_seconds
+        )
+        if cursor is None:
+            return False  # another worker's
+        self.hub.forget(stream, model)
+        self.held.add((stream, model))
+        logger.info("took %s / %s at entry %d", stream, model, cursor)
+        return True
 
     def _discover(self) -> None:
         """Note the streams that got queries since the last pass (an incremental scan)."""
@@ -116,21 +144,13 @@ class DetectionWorker:
             self._seen_through = max(self._seen_through, last)
 
     def _advance(self, stream: str, model: str) -> bool:
-        """Feed one stream up to the log's end and commit its cursor with its alarms."""
-        if not self._watches(model):
-            return False
-        if (stream, model) not in self.held:
-            if (
-                self.store.claim_detection_stream(
-                    stream, model, self.token, lease_seconds=self.lease_seconds
-                )
-                is None
-            ):
-                return False  # another worker's
-            self.hub.forget(stream, model)  # rebuilt from the snapshot and the log
-            self.held.add((stream, model))
+        """Feed one held stream up to the log's end and commit its cursor with its alarms."""
         self._pending = []
-        through = self.hub.advance(stream, model)
+        try:
+            through = self.hub.advance(stream, model)
+        except LeaseLost:
+            self.hub.forget(stream, model)  # part-fed: its new owner rebuilds it
+            return False
         if not self.store.advance_detection_stream(
             stream, model, self.token, through_entry=through, alarms=self._pending
         ):
@@ -162,6 +182,10 @@ class DetectionWorker:
         else:
             rows = self.store.detection_log(model, after=after, client_id=stream)
         for entry_id, client_id, images, labels in rows:
+            if time.monotonic() - self._renewed > self.lease_seconds / 3:
+                self._renew()
+                if (stream, model) not in self.held:
+                    raise LeaseLost(f"{stream} / {model}")
             self._reading_client = client_id
             yield entry_id, images, labels
 
