@@ -197,7 +197,7 @@ def test_two_workers_never_observe_one_stream_at_once(
     sent: dict[str, list[np.ndarray]] = {c: [] for c in clients}
     owners: set[str] = set()
     last: dict[str, int] = {}
-    for round_ in range(25):
+    for _ in range(25):
         for tag, client_id in enumerate(clients, start=1):
             x = rng.integers(0, 256, size=(5, 1, 28, 28), dtype=np.uint8)
             x[:, 0, 0, 0] = tag  # the digest detector names the stream it marks busy by this

@@ -8,6 +8,7 @@ tests/e2e/test_detect_worker_e2e.py.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,6 @@ from tests.target_service.test_api import (
     MODEL,
     bearer,
     create_client,
-    main_app,  # noqa: F401 (a fixture)
     make_app,
     payload,
 )
@@ -66,7 +66,9 @@ def alarms(http: TestClient) -> list[dict[str, Any]]:
 
 
 def send(http: TestClient, key: str, x: np.ndarray) -> int:
-    return http.post(f"/v1/models/{MODEL}/predict", json=payload(x), headers=bearer(key)).status_code
+    return http.post(
+        f"/v1/models/{MODEL}/predict", json=payload(x), headers=bearer(key)
+    ).status_code
 
 
 def test_inline_and_worker_modes_give_the_same_first_alarm_at(
@@ -161,9 +163,17 @@ def test_org_groups_watch_the_union_of_their_accounts_and_block_them_all(
         }  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def org_app(
+    tmp_path_factory: pytest.TempPathFactory, trained_checkpoints: Path
+) -> Iterator[TestClient]:
+    with make_app(tmp_path_factory.mktemp("org-state"), trained_checkpoints) as client:
+        yield client
+
+
 @pytest.mark.parametrize("org", ["", "a b", "-x", "x" * 65, "org:acme", "../up"])
-def test_bad_org_is_refused_naming_it(main_app: TestClient, org: str) -> None:
-    response = main_app.post(
+def test_bad_org_is_refused_naming_it(org_app: TestClient, org: str) -> None:
+    response = org_app.post(
         "/v1/admin/clients", json={"name": "x", "budget": 1, "org": org}, headers=ADMIN_HEADERS
     )
     assert response.status_code == 422
