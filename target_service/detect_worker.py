@@ -47,7 +47,7 @@ from target_service.detection import DefenceConfig, DetectionHub
 from target_service.metrics import ServiceMetrics
 from target_service.settings import Settings
 from target_service.state import StateStore
-from target_service.zoo import load_hosted, load_user_model
+from target_service.zoo import HostedModel, load_hosted, load_user_model
 
 logger = logging.getLogger(__name__)
 
@@ -224,9 +224,9 @@ class DetectionWorker:
         self.held.clear()
 
 
-def hosted_defences(settings: Settings) -> dict[str, DefenceConfig]:
-    """The detectors of every operator model, as ``serve`` builds them (checkpoints must exist:
-    a worker never trains)."""
+def hosted_models(settings: Settings) -> dict[str, HostedModel]:
+    """Every operator model with its detectors, as ``serve`` builds them (checkpoints must
+    exist: a worker never trains)."""
     return {
         name: load_hosted(
             name,
@@ -235,9 +235,13 @@ def hosted_defences(settings: Settings) -> dict[str, DefenceConfig]:
             data_root=settings.data_root,
             detectors=settings.detectors.get(name),
             alarm_policy=settings.alarm_policies.get(name, "log"),
-        ).defence
+        )
         for name in settings.models
     }
+
+
+def hosted_defences(settings: Settings) -> dict[str, DefenceConfig]:
+    return {name: hosted.defence for name, hosted in hosted_models(settings).items()}
 
 
 def run_detection_worker(settings: Settings, *, poll: float) -> None:
@@ -250,9 +254,16 @@ def run_detection_worker(settings: Settings, *, poll: float) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    import scipy.stats  # noqa: F401  PRADA imports it at its first test: paid here, not in a lag
+
     store = StateStore(settings.state_path)
     try:
-        worker = DetectionWorker(settings, store, hosted_defences(settings))
+        models = hosted_models(settings)
+        worker = DetectionWorker(
+            settings, store, {name: hosted.defence for name, hosted in models.items()}
+        )
+        for name, hosted in models.items():
+            worker.hub.warm_up(name, hosted.input_shape)
         worker.run(stop, poll=poll)
     finally:
         store.close()

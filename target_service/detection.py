@@ -137,6 +137,14 @@ class DetectionHub:
             self._prototypes.update(prototypes)
             self.configs[model] = config
 
+    def warm_up(self, model: str, input_shape: tuple[int, ...]) -> None:
+        """Feed a throwaway copy of each of the model's detectors two blank images of one class,
+        so that first-use costs (lazy imports, JIT compilation) are paid now, not in the first
+        stream's detection lag."""
+        x = torch.stack([torch.zeros(input_shape), torch.ones(input_shape)])
+        for prototype in self._prototypes.get(model, {}).values():
+            copy.deepcopy(prototype).observe(x, torch.zeros(2, dtype=torch.int64))
+
     def watches(self, model: str) -> bool:
         config = self.configs.get(model)
         return config is not None and bool(config.detectors)
