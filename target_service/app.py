@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             snapshot_dir=settings.state_dir / "detectors",
             metrics=metrics,
             snapshot_every=settings.snapshot_every,
+            inline=settings.detection_mode == "inline",
         )
         screening = ScreeningHub(
             store,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -252,6 +252,92 @@ def train_worker(
     if state_dir is not None:
         settings.state_dir = state_dir
     run_worker(settings)
+
+
+@app.command()
+def detect(
+    state_dir: Annotated[Path | None, typer.Option(help="Overrides TARGET_STATE_DIR.")] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="Overrides TARGET_DATABASE_URL (PostgreSQL).")
+    ] = None,
+    poll: Annotated[
+        float, typer.Option(min=0.01, help="Seconds to wait when no stream has new queries.")
+    ] = 0.2,
+    log_level: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Run the detectors off the request path (TARGET_DETECTION_MODE=worker): consume the query
+    log per stream, write alarms; stops cleanly on SIGTERM. Start one or several."""
+    from target_service.detect_worker import run_detection_worker
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.umask(0o077)
+    settings = _settings(state_dir, database_url)
+    try:
+        run_detection_worker(settings, poll=poll)
+    except FileNotFoundError as exc:  # a checkpoint the service has not trained yet
+        typer.echo(f"cannot start the detection worker: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("create-client")
+def create_client(
+    name: Annotated[str, typer.Option(help="The client's name (printable text).")],
+    budget: Annotated[int, typer.Option(min=0, help="Queries it may buy.")],
+    org: Annotated[
+        str | None, typer.Option(help="Its organisation (cross-client detection groups).")
+    ] = None,
+    training_quota: Annotated[int, typer.Option(min=0, help="Image-epochs of training.")] = 0,
+    state_dir: Annotated[Path | None, typer.Option(help="Overrides TARGET_STATE_DIR.")] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="Overrides TARGET_DATABASE_URL (PostgreSQL).")
+    ] = None,
+) -> None:
+    """Create a client in the state database and print its id and API key (shown once)."""
+    import re
+
+    from target_service.state import ORG_PATTERN, StateStore
+
+    if not name or not name.isprintable():
+        raise typer.BadParameter("--name must be printable text without control characters")
+    if org is not None and not re.match(ORG_PATTERN, org):
+        raise typer.BadParameter(
+            f"--org must be 1-64 letters, digits, '_', '.' or '-' (starting with a letter or "
+            f"digit), got {org[:100]!r}"
+        )
+    settings = _settings(state_dir, database_url)
+    store = StateStore(settings.state_path)
+    try:
+        client, api_key = store.create_client(name, budget, training_quota=training_quota, org=org)
+    finally:
+        store.close()
+    typer.echo(f"client_id {client.client_id}\napi_key {api_key}")
+
+
+def _settings(state_dir: Path | None, database_url: str | None) -> Any:
+    """Settings from TARGET_* with the command's overrides; exits 2 naming a bad setting."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from target_service.settings import Settings, describe_settings_error
+
+    if database_url is not None:
+        os.environ["TARGET_DATABASE_URL"] = database_url
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        typer.echo(f"invalid settings:\n{describe_settings_error(exc)}", err=True)
+        raise typer.Exit(2) from None
+    except SettingsError as exc:
+        typer.echo(f"invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if os.environ.get("TARGET_DATABASE_URL") and "database_url" not in type(settings).model_fields:
+        typer.echo("TARGET_DATABASE_URL: this build has no PostgreSQL backend", err=True)
+        raise typer.Exit(2)
+    if state_dir is not None:
+        settings.state_dir = state_dir
+    return settings
 
 
 if __name__ == "__main__":

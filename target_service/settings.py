@@ -75,6 +75,23 @@ class Settings(BaseSettings):
     snapshot_every: int = Field(
         default=1000, ge=1, description="Detector snapshot period (queries)."
     )
+    detection_mode: Literal["inline", "worker"] = Field(
+        default="inline",
+        description="'inline': each request runs the detectors (exact blocking, one process); "
+        "'worker': requests only log their queries and `target-service detect` runs the "
+        "detectors, so `block` takes effect within the worker's lag.",
+    )
+    detection_groups: Literal["client", "org", "all"] = Field(
+        default="client",
+        description="What one detector watches (worker mode): each client, each org's clients "
+        "together (a client without an org on its own), or every client together.",
+    )
+    detection_lease_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A detection worker that has not renewed its lease on a stream for this "
+        "long loses it to another worker, which resumes from the stream's cursor.",
+    )
     torch_threads: int = Field(
         default=1,
         ge=1,
@@ -139,6 +156,16 @@ class Settings(BaseSettings):
                         f"{variable} names model {model!r}, which is not hosted; hosted "
                         f"(TARGET_MODELS): {self.models}"
                     )
+        if self.detection_groups != "client" and self.detection_mode != "worker":
+            raise ValueError(
+                f"TARGET_DETECTION_GROUPS={self.detection_groups} needs "
+                "TARGET_DETECTION_MODE=worker (groups are watched off the request path)"
+            )
+        if self.detection_groups == "all" and "block" in self.alarm_policies.values():
+            raise ValueError(
+                "TARGET_DETECTION_GROUPS=all with a 'block' alarm policy would block every "
+                "client at the first alarm: use 'log', or groups 'org'"
+            )
         for model, detectors in self.detectors.items():
             for name, settings in detectors.items():
                 try:

@@ -180,6 +180,38 @@ CREATE TABLE IF NOT EXISTS membership_challenges (
 );
 """
 
+# -- detection off the request path and cross-client groups (target_service/detect_worker.py) ---
+# Plain portable SQL (``?`` placeholders, ``INSERT ... ON CONFLICT``), kept together so that it
+# ports as one block to every StateStore backend.
+ORG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # also a folder name (detector snapshots)
+DETECTION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS client_orgs (
+    client_id   TEXT PRIMARY KEY REFERENCES clients(client_id),
+    org         TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS client_orgs_org ON client_orgs(org);
+CREATE INDEX IF NOT EXISTS query_log_model ON query_log(model, entry_id);
+CREATE TABLE IF NOT EXISTS detection_leases (
+    stream        TEXT NOT NULL,               -- a client id, 'org:<org>' or 'all'
+    model         TEXT NOT NULL,
+    owner         TEXT,                        -- the detection worker's token; NULL: free
+    lease_until   REAL,
+    through_entry INTEGER NOT NULL DEFAULT 0,  -- the last query_log entry its detectors saw
+    PRIMARY KEY (stream, model)
+);
+CREATE TABLE IF NOT EXISTS group_alarms (
+    stream      TEXT NOT NULL,                 -- 'org:<org>' or 'all'
+    model       TEXT NOT NULL,
+    detector    TEXT NOT NULL,
+    query_index INTEGER NOT NULL,              -- 1-based, in the group's union of queries
+    client_id   TEXT NOT NULL,                 -- whose query raised it
+    statistic   REAL,
+    threshold   REAL,
+    created_at  REAL NOT NULL,
+    PRIMARY KEY (stream, model, detector)
+);
+"""
+
 
 def hash_api_key(api_key: str) -> str:
     """Keys are 256-bit random tokens, so one SHA-256 is enough (no password stretching)."""
@@ -238,6 +270,7 @@ class StateStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._db.executescript(DETECTION_SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -245,10 +278,11 @@ class StateStore:
 
     # -- clients -----------------------------------------------------------------------------
     def create_client(
-        self, name: str, budget: int, *, training_quota: int = 0
+        self, name: str, budget: int, *, training_quota: int = 0, org: str | None = None
     ) -> tuple[Client, str]:
         """Returns the client and its API key; only the key's hash is stored.
-        ``training_quota`` is in image-epochs (0: the client may not train)."""
+        ``training_quota`` is in image-epochs (0: the client may not train); ``org`` (checked
+        against ``ORG_PATTERN`` by the caller) groups clients for cross-client detection."""
         api_key = "mlr_" + secrets.token_urlsafe(32)
         client = Client(uuid.uuid4().hex[:16], name, budget, 0, False, time.time())
         with self._transaction():
@@ -260,6 +294,10 @@ class StateStore:
                 "INSERT INTO training_quotas (client_id, quota) VALUES (?,?)",
                 (client.client_id, training_quota),
             )
+            if org is not None:
+                self._db.execute(
+                    "INSERT INTO client_orgs (client_id, org) VALUES (?,?)", (client.client_id, org)
+                )
         return client, api_key
 
     @contextmanager
@@ -858,6 +896,164 @@ class StateStore:
             )
         if cursor.rowcount == 0:
             raise already_submitted(challenge_id)
+
+    # -- detection off the request path and cross-client groups ------------------------------
+    # (tables in DETECTION_SCHEMA; the lease and cursor logic is target_service/detect_worker.py)
+    def client_orgs(self) -> dict[str, str]:
+        """client_id -> org, for the clients created with one."""
+        with self._lock:
+            rows = self._db.execute("SELECT client_id, org FROM client_orgs").fetchall()
+        return {row["client_id"]: row["org"] for row in rows}
+
+    def detection_streams(self, groups: str, *, after: int = 0) -> list[tuple[str, str, int]]:
+        """(stream, model, last entry) of every stream with query_log entries after ``after``:
+        a stream is a client (``groups`` "client"), a client's org as 'org:<org>' or, for a
+        client without one, the client ("org"), or every client as 'all' ("all")."""
+        with self._lock:
+            rows = self._db.execute(_STREAM_QUERIES[groups], (after,)).fetchall()
+        return [(row[0], row[1], int(row[2])) for row in rows]
+
+    def detection_log(
+        self,
+        model: str,
+        *,
+        after: int,
+        client_id: str | None = None,
+        org: str | None = None,
+    ) -> Iterator[tuple[int, str, np.ndarray, list[int]]]:
+        """(entry_id, client_id, images, labels) after ``after``, in order, of one client's
+        stream, of an org's clients, or (neither given) of every client on ``model``."""
+        query = (
+            "SELECT entry_id, client_id, dtype, shape, images, labels FROM query_log"
+            " WHERE model = ? AND entry_id > ?"
+        )
+        params: tuple[Any, ...] = (model, after)
+        if client_id is not None:
+            query, params = query + " AND client_id = ?", (*params, client_id)
+        elif org is not None:
+            query += " AND client_id IN (SELECT client_id FROM client_orgs WHERE org = ?)"
+            params = (*params, org)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY entry_id", params).fetchall()
+        for row in rows:
+            images = np.frombuffer(row["images"], dtype=np.dtype(row["dtype"])).reshape(
+                json.loads(row["shape"])
+            )
+            yield row["entry_id"], row["client_id"], images, json.loads(row["labels"])
+
+    def detection_leases(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM detection_leases ORDER BY stream, model"
+            ).fetchall()
+        return [dict(row) for row in rows]
+
+    def claim_detection_stream(
+        self, stream: str, model: str, owner: str, *, lease_seconds: float
+    ) -> int | None:
+        """Take (or keep) a stream for ``owner`` when it is free, already its own, or its
+        owner's lease ran out; returns its last processed entry, None if another owns it."""
+        now = time.time()
+        with self._lock:
+            row = self._db.execute(
+                "INSERT INTO detection_leases (stream, model, owner, lease_until) VALUES (?,?,?,?)"
+                " ON CONFLICT (stream, model) DO UPDATE SET owner = excluded.owner,"
+                " lease_until = excluded.lease_until WHERE detection_leases.owner IS NULL"
+                " OR detection_leases.owner = excluded.owner OR detection_leases.lease_until < ?"
+                " RETURNING through_entry",
+                (stream, model, owner, now + lease_seconds, now),
+            ).fetchone()
+        return None if row is None else int(row["through_entry"])
+
+    def renew_detection_leases(self, owner: str, *, lease_seconds: float) -> set[tuple[str, str]]:
+        """Extend every lease ``owner`` holds; returns the (stream, model) it still holds."""
+        with self._lock:
+            rows = self._db.execute(
+                "UPDATE detection_leases SET lease_until = ? WHERE owner = ? RETURNING stream, model",
+                (time.time() + lease_seconds, owner),
+            ).fetchall()
+        return {(row["stream"], row["model"]) for row in rows}
+
+    def advance_detection_stream(
+        self,
+        stream: str,
+        model: str,
+        owner: str,
+        *,
+        through_entry: int,
+        alarms: list[dict[str, Any]],
+    ) -> bool:
+        """Move a stream's cursor and record the alarms its detectors raised up to there, in one
+        transaction; False (nothing written) when ``owner`` no longer holds the stream. An alarm
+        is ``{detector, query_index, client_id, statistic, threshold}``; a stream's first alarm
+        per detector is kept (a rebuilt detector raises the same one again)."""
+        now = time.time()
+        with self._transaction():
+            moved = self._db.execute(
+                "UPDATE detection_leases SET through_entry = ?"
+                " WHERE stream = ? AND model = ? AND owner = ?",
+                (through_entry, stream, model, owner),
+            ).rowcount
+            if not moved:
+                return False
+            for alarm in alarms:
+                values = (alarm["detector"], alarm["query_index"], alarm["statistic"])
+                if stream == alarm["client_id"]:  # a client's own stream
+                    self._db.execute(
+                        "INSERT INTO alarms VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                        (stream, model, *values, alarm["threshold"], now),
+                    )
+                else:
+                    self._db.execute(
+                        "INSERT INTO group_alarms VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                        (stream, model, *values[:2], alarm["client_id"], *values[2:],
+                         alarm["threshold"], now),
+                    )  # fmt: skip
+        return True
+
+    def release_detection_leases(self, owner: str) -> None:
+        """Free every stream ``owner`` holds (a worker stopping), cursors kept."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE detection_leases SET owner = NULL, lease_until = NULL WHERE owner = ?",
+                (owner,),
+            )
+
+    def alarm_blocks(self, client_id: str, model: str, detectors: list[str]) -> bool:
+        """Whether one of ``detectors`` has an alarm on this client's stream, or on its org's."""
+        if not detectors:
+            return False
+        names = ", ".join("?" * len(detectors))
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT 1 FROM alarms WHERE client_id = ? AND model = ? AND detector IN ({names})"
+                " UNION ALL SELECT 1 FROM group_alarms g JOIN client_orgs o"
+                " ON g.stream = 'org:' || o.org WHERE o.client_id = ? AND g.model = ?"
+                f" AND g.detector IN ({names}) LIMIT 1",
+                (client_id, model, *detectors, client_id, model, *detectors),
+            ).fetchone()
+        return row is not None
+
+    def list_group_alarms(self) -> list[dict[str, Any]]:
+        """Every group's first alarm per detector and model, with the name of the client whose
+        query raised it, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT g.*, c.name AS client_name FROM group_alarms g"
+                " JOIN clients c USING (client_id) ORDER BY g.created_at"
+            ).fetchall()
+        return [dict(row) for row in rows]
+
+
+_STREAM_QUERIES = {
+    "client": "SELECT client_id, model, MAX(entry_id) FROM query_log WHERE entry_id > ?"
+    " GROUP BY client_id, model",
+    "org": "SELECT COALESCE('org:' || o.org, q.client_id), q.model, MAX(q.entry_id)"
+    " FROM query_log q LEFT JOIN client_orgs o USING (client_id) WHERE q.entry_id > ?"
+    " GROUP BY 1, 2",
+    "all": "SELECT 'all', model, MAX(entry_id) FROM query_log WHERE entry_id > ? GROUP BY model",
+}
+# -- end of the detection block ------------------------------------------------------------------
 
 
 def already_submitted(challenge_id: str) -> Conflict:
