@@ -205,11 +205,20 @@ def serve(
         Path | None, typer.Option(help="Overrides TARGET_CHECKPOINT_DIR.")
     ] = None,
     log_level: Annotated[str, typer.Option()] = "info",
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1, max=64, help="Processes serving the port (uvicorn workers) on one database."
+        ),
+    ] = 1,
 ) -> None:
     """Serve the hosted models (settings from TARGET_* environment variables).
 
     Bad settings exit with code 2 before any model loads; a detector value or reference that
-    does not fit its detector stops the start-up (uvicorn's exit code 3), naming it."""
+    does not fit its detector stops the start-up (uvicorn's exit code 3), naming it. With
+    --workers N the processes share the state database, so what lives in one process's memory
+    must not matter: it needs TARGET_DETECTION_MODE=worker (and `target-service detect`) when a
+    model is watched, and no input defence; each process has its own rate limiter."""
     import uvicorn
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
@@ -233,7 +242,27 @@ def serve(
         settings.state_dir = state_dir
     if checkpoint_dir is not None:
         settings.checkpoint_dir = checkpoint_dir
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+        return
+    from target_service.cluster import prepare_shared_start
+
+    try:
+        prepare_shared_start(settings)
+    except ValueError as exc:
+        typer.echo(f"--workers {workers}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    # each worker process builds its own app from the environment, overrides included
+    os.environ["TARGET_STATE_DIR"] = str(settings.state_dir)
+    os.environ["TARGET_CHECKPOINT_DIR"] = str(settings.checkpoint_dir)
+    uvicorn.run(
+        "target_service.app:create_app",
+        factory=True,
+        workers=workers,
+        host=host,
+        port=port,
+        log_level=log_level,
+    )
 
 
 @app.command("train-worker")
@@ -313,6 +342,52 @@ def create_client(
     finally:
         store.close()
     typer.echo(f"client_id {client.client_id}\napi_key {api_key}")
+
+
+@app.command()
+def cluster(
+    replicas: Annotated[int, typer.Option(min=1, max=64, help="Service replicas.")] = 2,
+    port: Annotated[int, typer.Option(help="The first replica's port; the next ones follow.")] = (
+        8000
+    ),
+    state_dir: Annotated[
+        Path, typer.Option(help="State shared by the replicas: datasets, models, PostgreSQL.")
+    ] = Path("var/cluster"),
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="Use this PostgreSQL instead of starting one in STATE_DIR/postgres."),
+    ] = None,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="Overrides TARGET_CHECKPOINT_DIR.")
+    ] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    log_level: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Start PostgreSQL (unless --database-url), REPLICAS service replicas on ports PORT,
+    PORT+1, ... and one detection worker; print where they are; stop them all on Ctrl-C or
+    SIGTERM. Settings come from TARGET_* variables (detection runs in the worker)."""
+    from pydantic import ValidationError
+
+    from target_service.cluster import Cluster, ClusterError, run_cluster
+    from target_service.postgres_server import PostgresUnavailable
+    from target_service.settings import describe_settings_error
+
+    os.umask(0o077)
+    try:
+        cluster = Cluster(
+            state_dir, replicas=replicas, port=port, host=host, database_url=database_url,
+            checkpoint_dir=checkpoint_dir, log_level=log_level,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    try:
+        run_cluster(cluster, echo=typer.echo)
+    except ValidationError as exc:
+        typer.echo(f"invalid settings:\n{describe_settings_error(exc)}", err=True)
+        raise typer.Exit(2) from None
+    except (ClusterError, PostgresUnavailable, ValueError) as exc:
+        typer.echo(f"cannot start the cluster: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _settings(state_dir: Path | None, database_url: str | None) -> Any:
