@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 STATUS_FILE = "cluster.json"
 TOKEN_FILE = "admin-token"
-DETECTOR_READY = b"detection worker "  # its first info line, once its models are loaded
+DETECTOR_READY = b" watching "  # "detection worker <token> watching [...]": its models are loaded
 
 
 class ClusterError(RuntimeError):
