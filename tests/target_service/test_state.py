@@ -1,5 +1,6 @@
-"""StateStore on its own: hashed keys, revocation, atomic charges, idempotent replays, races
-(threads sharing one store, and processes each with its own SQLite connection to one file)."""
+"""StateStore on its own, on both backends (SQLite and a real PostgreSQL): hashed keys,
+revocation, atomic charges, idempotent replays, races (threads sharing one store, two stores on
+one database, and processes each with its own store), and schema migrations."""
 
 from __future__ import annotations
 
@@ -9,19 +10,19 @@ import os
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from target_service.errors import BudgetExhausted, Conflict, NotFound, Unauthorized
-from target_service.state import StateStore, hash_api_key
+from target_service.state import SQLiteStore, StateStore, hash_api_key, store_at
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[StateStore]:
-    store = StateStore(tmp_path / "state.sqlite3")
+def store(state_address: str) -> Iterator[StateStore]:
+    store = store_at(state_address)
     yield store
     store.close()
 
@@ -37,16 +38,16 @@ def charge(store: StateStore, client_id: str, images: int, request_id: str | Non
     )
 
 
-def ledger(path: Path, client_id: str) -> list[tuple[str | None, int]]:
-    with sqlite3.connect(path) as db:
-        return db.execute(
-            "SELECT request_id, images FROM ledger WHERE client_id = ? ORDER BY entry_id",
-            (client_id,),
-        ).fetchall()
+def ledger(store: StateStore, client_id: str) -> list[tuple[str | None, int]]:
+    rows = store._db.execute(  # type: ignore[attr-defined]
+        "SELECT request_id, images FROM ledger WHERE client_id = ? ORDER BY entry_id",
+        (client_id,),
+    ).fetchall()
+    return [(row["request_id"], row["images"]) for row in rows]
 
 
 def test_api_key_is_stored_only_as_its_hash(tmp_path: Path) -> None:
-    store = StateStore(tmp_path / "state.sqlite3")
+    store = SQLiteStore(tmp_path / "state.sqlite3")
     keys = [store.create_client(f"client-{i}", 10)[1] for i in range(5)]
     while_open = b"".join(path.read_bytes() for path in tmp_path.iterdir() if path.is_file())
     store.close()
@@ -90,7 +91,7 @@ def test_unknown_client_names_the_id(store: StateStore, action: str) -> None:
         method("nobody")
 
 
-def test_charge_refuses_a_batch_that_does_not_fit_whole(store: StateStore, tmp_path: Path) -> None:
+def test_charge_refuses_a_batch_that_does_not_fit_whole(store: StateStore) -> None:
     client, _ = store.create_client("alice", 10)
     first = charge(store, client.client_id, 4)
     assert (first.response["queries_used"], first.response["queries_remaining"]) == (4, 6)
@@ -105,10 +106,10 @@ def test_charge_refuses_a_batch_that_does_not_fit_whole(store: StateStore, tmp_p
             charge(store, client.client_id, images)
     assert store.get_client(client.client_id).used == 10
     assert store.ledger_total(client.client_id) == 10
-    assert ledger(tmp_path / "state.sqlite3", client.client_id) == [(None, 4), (None, 6)]
+    assert ledger(store, client.client_id) == [(None, 4), (None, 6)]
 
 
-def test_replay_returns_the_stored_answer_once_charged(store: StateStore, tmp_path: Path) -> None:
+def test_replay_returns_the_stored_answer_once_charged(store: StateStore) -> None:
     client, _ = store.create_client("alice", 10)
     other, _ = store.create_client("bob", 10)
     assert store.replay(client.client_id, "r1", "fp-a") is None
@@ -124,20 +125,19 @@ def test_replay_returns_the_stored_answer_once_charged(store: StateStore, tmp_pa
     with pytest.raises(Conflict, match="'r1'"):
         charge(store, client.client_id, 2, request_id="r1", fp="fp-b")
     assert store.get_client(client.client_id).used == 3
-    assert ledger(tmp_path / "state.sqlite3", client.client_id) == [("r1", 3)]
+    assert ledger(store, client.client_id) == [("r1", 3)]
     # request ids are per client
     assert not charge(store, other.client_id, 2, request_id="r1", fp="fp-b").replayed
     assert store.get_client(other.client_id).used == 2
 
 
-def test_state_survives_reopening(tmp_path: Path) -> None:
-    path = tmp_path / "state.sqlite3"
-    store = StateStore(path)
+def test_state_survives_reopening(state_address: str) -> None:
+    store = store_at(state_address)
     client, key = store.create_client("alice", 10)
     answer = charge(store, client.client_id, 4, request_id="r1").response
     store.close()
 
-    reopened = StateStore(path)
+    reopened = store_at(state_address)
     try:
         assert reopened.authenticate(key).used == 4
         assert reopened.replay(client.client_id, "r1", "f") == {**answer, "charged": 0}
@@ -146,7 +146,7 @@ def test_state_survives_reopening(tmp_path: Path) -> None:
         reopened.close()
 
 
-def test_threads_racing_on_one_budget_never_overspend(store: StateStore, tmp_path: Path) -> None:
+def test_threads_racing_on_one_budget_never_overspend(store: StateStore) -> None:
     budget, threads = 500, 16
     client, _ = store.create_client("racer", budget)
     answered: Counter[int] = Counter()
@@ -180,7 +180,7 @@ def test_threads_racing_on_one_budget_never_overspend(store: StateStore, tmp_pat
     assert store.ledger_total(client.client_id) == budget
     assert len(set(reported)) == len(reported), "each charge sees its own usage"
     assert max(reported) == budget
-    assert len(ledger(tmp_path / "state.sqlite3", client.client_id)) == len(reported)
+    assert len(ledger(store, client.client_id)) == len(reported)
 
 
 def test_concurrent_duplicates_of_one_request_id_are_charged_once(store: StateStore) -> None:
@@ -206,7 +206,8 @@ def test_concurrent_duplicates_of_one_request_id_are_charged_once(store: StateSt
     assert store.get_client(client.client_id).used == 5
 
 
-# -- across processes: each opens its own StateStore (its own SQLite connection) ----------------
+# -- across processes: each opens its own StateStore (its own connections) -----------------------
+# One run of processes does both races (each process imports torch: seconds under load).
 PROCESSES, THREADS_PER_PROCESS = 4, 2
 
 
@@ -225,27 +226,21 @@ def _charge_until_broke(store: StateStore, client_id: str, index: int) -> list[t
     return answered
 
 
-def _charge_same_request(store: StateStore, client_id: str, index: int) -> list[tuple[bool, Any]]:
-    result = charge(store, client_id, 5, request_id="same")
-    return [(result.replayed, result.response)]
-
-
 def _process(
-    work: Callable[[StateStore, str, int], list],
-    path: Path,
-    client_id: str,
-    index: int,
-    start: Any,
-    results: Any,
+    address: str, racer: str, duplicator: str, index: int, start: Any, results: Any
 ) -> None:
-    """One process: its own StateStore on the shared file, THREADS_PER_PROCESS threads using it,
-    all starting together with every other process's threads."""
-    store = StateStore(path)
-    out: list = []
+    """One process: its own StateStore on the shared database, THREADS_PER_PROCESS threads using
+    it, all starting together with every other process's threads: each sends the request_id
+    "same" for ``duplicator``, then charges ``racer`` until its budget is spent."""
+    store = store_at(address)
+    duplicates: list[tuple[bool, Any]] = []
+    answered: list[tuple[int, int]] = []
 
     def thread(sub: int) -> None:
         start.wait()
-        out.extend(work(store, client_id, index * THREADS_PER_PROCESS + sub))
+        result = charge(store, duplicator, 5, request_id="same")
+        duplicates.append((result.replayed, result.response))
+        answered.extend(_charge_until_broke(store, racer, index * THREADS_PER_PROCESS + sub))
 
     pool = [threading.Thread(target=thread, args=(i,)) for i in range(THREADS_PER_PROCESS)]
     for t in pool:
@@ -253,51 +248,50 @@ def _process(
     for t in pool:
         t.join()
     store.close()
-    results.put(out)
+    results.put((duplicates, answered))
 
 
-def run_in_processes(work: Callable[[StateStore, str, int], list], path: Path, client_id: str):
-    """``work`` run by THREADS_PER_PROCESS threads in each of PROCESSES spawned processes."""
+def test_processes_racing_never_overspend_nor_charge_a_request_id_twice(
+    store: StateStore, state_address: str
+) -> None:
+    budget = 500
+    racer, _ = store.create_client("racer", budget)
+    duplicator, _ = store.create_client("dup", 100)
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
     start = context.Barrier(PROCESSES * THREADS_PER_PROCESS)
-    results = context.Queue()
+    queue = context.Queue()
     processes = [
-        context.Process(target=_process, args=(work, path, client_id, i, start, results))
+        context.Process(
+            target=_process,
+            args=(state_address, racer.client_id, duplicator.client_id, i, start, queue),
+        )
         for i in range(PROCESSES)
     ]
     for process in processes:
         process.start()
-    collected = [results.get(timeout=180) for _ in processes]
+    collected = [queue.get(timeout=300) for _ in processes]
     for process in processes:
         process.join(timeout=60)
     assert [process.exitcode for process in processes] == [0] * PROCESSES
-    return [item for out in collected for item in out]
+    duplicates = [item for out, _ in collected for item in out]
+    answered = [item for _, out in collected for item in out]
 
+    assert len(duplicates) == PROCESSES * THREADS_PER_PROCESS
+    assert sum(not replayed for replayed, _ in duplicates) == 1
+    first = duplicates[0][1]
+    assert all(  # one answer; only the charged request says it was charged
+        response == {**first, "charged": 0 if replayed else 5} for replayed, response in duplicates
+    )
+    assert store.get_client(duplicator.client_id).used == 5
+    assert store.ledger_total(duplicator.client_id) == 5
 
-def test_processes_racing_on_one_budget_never_overspend(store: StateStore, tmp_path: Path) -> None:
-    budget = 500
-    client, _ = store.create_client("racer", budget)
-    answered = run_in_processes(_charge_until_broke, store.path, client.client_id)
     reported = [used for _, used in answered]
     assert sum(size for size, _ in answered) == budget
-    assert store.get_client(client.client_id).used == budget
-    assert store.ledger_total(client.client_id) == budget
+    assert store.get_client(racer.client_id).used == budget
+    assert store.ledger_total(racer.client_id) == budget
     assert sorted(reported) == sorted(set(reported)), "each charge sees its own usage"
     assert max(reported) == budget
-    assert len(ledger(tmp_path / "state.sqlite3", client.client_id)) == len(answered)
-
-
-def test_duplicates_of_one_request_id_in_processes_are_charged_once(store: StateStore) -> None:
-    client, _ = store.create_client("dup", 100)
-    results = run_in_processes(_charge_same_request, store.path, client.client_id)
-    assert len(results) == PROCESSES * THREADS_PER_PROCESS
-    assert sum(not replayed for replayed, _ in results) == 1
-    first = results[0][1]
-    assert all(  # one answer; only the charged request says it was charged
-        response == {**first, "charged": 0 if replayed else 5} for replayed, response in results
-    )
-    assert store.get_client(client.client_id).used == 5
-    assert store.ledger_total(client.client_id) == 5
+    assert len(ledger(store, racer.client_id)) == len(answered)
 
 
 def test_budget_zero_client_can_never_be_charged(store: StateStore) -> None:
@@ -310,7 +304,7 @@ def test_budget_zero_client_can_never_be_charged(store: StateStore) -> None:
 def test_database_files_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)  # a typical umask would make them world-readable
     try:
-        store = StateStore(tmp_path / "state.sqlite3")
+        store = SQLiteStore(tmp_path / "state.sqlite3")
         store.create_client("alice", 5)
         modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
         store.close()
