@@ -5,8 +5,10 @@ one database, and processes each with its own store), and schema migrations."""
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
 import os
+import shutil
 import sqlite3
 import threading
 from collections import Counter
@@ -16,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from target_service.errors import BudgetExhausted, Conflict, NotFound, Unauthorized
+from target_service import state
+from target_service.errors import (
+    BudgetExhausted,
+    Conflict,
+    NotFound,
+    StateUnavailable,
+    Unauthorized,
+)
 from target_service.state import SQLiteStore, StateStore, hash_api_key, store_at
 
 
@@ -311,3 +320,118 @@ def test_database_files_are_owner_only_whatever_the_umask(tmp_path: Path) -> Non
     finally:
         os.umask(old)
     assert modes == {"state.sqlite3": 0o600, "state.sqlite3-wal": 0o600, "state.sqlite3-shm": 0o600}
+
+
+# -- several stores on one database (replicas) ---------------------------------------------------
+def test_64_threads_on_two_stores_never_overspend_one_budget(state_address: str) -> None:
+    """Two stores on one database stand for two replicas; 32 threads each charge one budget."""
+    budget, threads = 2000, 64
+    stores = [store_at(state_address, pool_size=16) for _ in range(2)]
+    try:
+        client, _ = stores[0].create_client("racer", budget)
+        answered: list[int] = []
+        start = threading.Barrier(threads)
+
+        def worker(index: int) -> None:
+            store = stores[index % 2]
+            start.wait()
+            for step in range(10_000):
+                size = 1 + (index + step) % 4
+                try:
+                    charge(store, client.client_id, size)
+                except BudgetExhausted:
+                    if size == 1:
+                        return
+                    continue
+                answered.append(size)  # list.append is atomic
+
+        pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join(timeout=300)
+        assert not any(thread.is_alive() for thread in pool)
+        used = stores[1].get_client(client.client_id).used
+        assert used == budget == sum(answered), "0 overspend, and every answered charge counted"
+        assert sum(images for _, images in ledger(stores[0], client.client_id)) == used
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_a_request_id_charged_through_two_stores_at_once_is_charged_once(
+    state_address: str,
+) -> None:
+    """The second one waits for the first to commit and gets its stored answer (README)."""
+    stores = [store_at(state_address) for _ in range(2)]
+    try:
+        client, _ = stores[0].create_client("dup", 100)
+        start = threading.Barrier(16)
+        results = []
+
+        def worker(index: int) -> None:
+            start.wait()
+            results.append(charge(stores[index % 2], client.client_id, 5, request_id="same"))
+
+        pool = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join(timeout=60)
+        assert len(results) == 16
+        assert sum(not result.replayed for result in results) == 1
+        charged = next(result for result in results if not result.replayed).response
+        assert all(r.response == {**charged, "charged": 0} for r in results if r.replayed)
+        assert stores[1].get_client(client.client_id).used == 5
+        assert ledger(stores[0], client.client_id) == [("same", 5)]
+    finally:
+        for store in stores:
+            store.close()
+
+
+# -- schema migrations -----------------------------------------------------------------------
+DATA = Path(__file__).parent / "data"
+
+
+def test_a_state_file_from_before_migrations_opens_and_migrates(tmp_path: Path) -> None:
+    """A SQLite file written by the service before schema versions existed (made by that code,
+    kept in tests/target_service/data) keeps its clients, charges and answers."""
+    path = tmp_path / "state.sqlite3"
+    shutil.copyfile(DATA / "state-before-migrations.sqlite3", path)
+    old = json.loads((DATA / "state-before-migrations.json").read_text())
+    with sqlite3.connect(path) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert "schema_migrations" not in tables and "clients" in tables
+
+    store = SQLiteStore(path)
+    try:
+        assert store.schema_version() == state.MIGRATIONS[-1][0]
+        client = store.authenticate(old["api_key"])
+        assert (client.client_id, client.used, client.budget) == (old["client_id"], 3, 100)
+        replay = store.replay(client.client_id, old["request_id"], old["fingerprint"])
+        assert replay == {**old["answer"], "charged": 0}
+        assert store.training_usage(client.client_id) == (50, 0)
+        assert [alarm["query_index"] for alarm in store.list_alarms()] == [3]
+        assert charge(store, client.client_id, 2, request_id="r2").response["queries_used"] == 5
+    finally:
+        store.close()
+
+
+def test_migrations_are_applied_in_order_once_and_a_newer_schema_is_refused(
+    state_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = store_at(state_address)
+    assert first.schema_version() == 1
+    first.close()
+    later = (2, "a later step", "CREATE TABLE later_step (x INTEGER);")
+    monkeypatch.setattr(state, "MIGRATIONS", [*state.MIGRATIONS, later])
+    for _ in range(2):  # the second opening must not run step 2 again
+        store = store_at(state_address)
+        assert store.schema_version() == 2
+        store._db.execute("INSERT INTO later_step VALUES (?)", (1,))  # type: ignore[attr-defined]
+        rows = store._db.execute("SELECT version FROM schema_migrations ORDER BY version")  # type: ignore[attr-defined]
+        assert [row["version"] for row in rows.fetchall()] == [1, 2]
+        store.close()
+    monkeypatch.setattr(state, "MIGRATIONS", state.MIGRATIONS[:1])
+    with pytest.raises(StateUnavailable, match="schema version 2, newer than this service knows"):
+        store_at(state_address)
