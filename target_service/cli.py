@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from target_service.settings import Settings
 
 app = typer.Typer(help="The mlaas-range target service.", no_args_is_help=True)
 console = Console()
@@ -233,7 +236,21 @@ def serve(
         settings.state_dir = state_dir
     if checkpoint_dir is not None:
         settings.checkpoint_dir = checkpoint_dir
+    check_state_database(settings)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+
+
+def check_state_database(settings: Settings) -> None:
+    """Open the state database once (applying its migrations) before any model loads: a
+    database that does not answer exits with code 1, naming it (without its password)."""
+    from target_service.errors import StateUnavailable
+    from target_service.state import open_store
+
+    try:
+        open_store(settings).close()
+    except StateUnavailable as exc:
+        typer.echo(f"cannot start: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command("train-worker")

@@ -169,6 +169,8 @@ class PostgresDatabase(Database):
             name="state",
         )
         with self._unavailable_on_connection_errors():
+            # one plain connection first: it fails at once, with the server's own reason
+            psycopg.connect(url, connect_timeout=max(1, round(timeout))).close()
             self._pool.open(wait=True, timeout=timeout)
 
     @contextmanager

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from target_service import state
 from target_service.errors import (
@@ -26,7 +27,9 @@ from target_service.errors import (
     StateUnavailable,
     Unauthorized,
 )
+from target_service.settings import Settings, describe_settings_error
 from target_service.state import SQLiteStore, StateStore, hash_api_key, store_at
+from target_service.state_db import mask_password
 
 
 @pytest.fixture
@@ -435,3 +438,16 @@ def test_migrations_are_applied_in_order_once_and_a_newer_schema_is_refused(
     monkeypatch.setattr(state, "MIGRATIONS", state.MIGRATIONS[:1])
     with pytest.raises(StateUnavailable, match="schema version 2, newer than this service knows"):
         store_at(state_address)
+
+
+def test_the_database_url_must_be_postgresql_and_its_password_is_never_echoed() -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(database_url="mysql://alice:s3cret-pw@db/range")
+    message = describe_settings_error(refused.value)
+    assert "TARGET_DATABASE_URL: Value error, must be a postgresql:// URL, got scheme 'mysql'" in (
+        message
+    )
+    assert "s3cret-pw" not in message
+    assert mask_password("postgresql://alice:s3cret-pw@db:5432/range?sslmode=require") == (
+        "postgresql://alice:***@db:5432/range?sslmode=require"
+    )
