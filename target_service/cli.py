@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from target_service.settings import Settings
 
 app = typer.Typer(help="The mlaas-range target service.", no_args_is_help=True)
 console = Console()
@@ -242,6 +245,7 @@ def serve(
         settings.state_dir = state_dir
     if checkpoint_dir is not None:
         settings.checkpoint_dir = checkpoint_dir
+    check_state_database(settings)
     if workers == 1:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
         return
@@ -263,6 +267,19 @@ def serve(
         port=port,
         log_level=log_level,
     )
+
+
+def check_state_database(settings: Settings) -> None:
+    """Open the state database once (applying its migrations) before any model loads: a
+    database that does not answer exits with code 1, naming it (without its password)."""
+    from target_service.errors import StateUnavailable
+    from target_service.state import open_store
+
+    try:
+        open_store(settings).close()
+    except StateUnavailable as exc:
+        typer.echo(f"cannot start: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command("train-worker")
@@ -326,7 +343,7 @@ def create_client(
     """Create a client in the state database and print its id and API key (shown once)."""
     import re
 
-    from target_service.state import ORG_PATTERN, StateStore
+    from target_service.state import ORG_PATTERN, open_store
 
     if not name or not name.isprintable():
         raise typer.BadParameter("--name must be printable text without control characters")
@@ -336,7 +353,7 @@ def create_client(
             f"digit), got {org[:100]!r}"
         )
     settings = _settings(state_dir, database_url)
-    store = StateStore(settings.state_path)
+    store = open_store(settings)
     try:
         client, api_key = store.create_client(name, budget, training_quota=training_quota, org=org)
     finally:

@@ -46,7 +46,7 @@ from defenses.base import Verdict
 from target_service.detection import DefenceConfig, DetectionHub
 from target_service.metrics import ServiceMetrics
 from target_service.settings import Settings
-from target_service.state import StateStore
+from target_service.state import StateStore, open_store
 from target_service.zoo import HostedModel, load_hosted, load_user_model
 
 logger = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ def run_detection_worker(settings: Settings, *, poll: float) -> None:
     signal.signal(signal.SIGINT, on_signal)
     import scipy.stats  # noqa: F401  PRADA imports it at its first test: paid here, not in a lag
 
-    store = StateStore(settings.state_path)
+    store = open_store(settings)
     try:
         models = hosted_models(settings)
         worker = DetectionWorker(

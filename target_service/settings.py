@@ -26,7 +26,18 @@ class Settings(BaseSettings):
         description="Bearer token of the admin API (at least 16 characters); without it the "
         "admin API is off.",
     )
-    state_dir: Path = Field(default=Path("var"), description="SQLite state lives here.")
+    state_dir: Path = Field(
+        default=Path("var"),
+        description="SQLite state (unless TARGET_DATABASE_URL is set) and detector snapshots.",
+    )
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="postgresql://user:password@host:port/database: keep the state in "
+        "PostgreSQL, shared by replicas; unset = SQLite under the state directory.",
+    )
+    database_pool_size: int = Field(
+        default=10, ge=1, le=200, description="Most PostgreSQL connections per process."
+    )
     checkpoint_dir: Path = Field(default=Path("checkpoints"), description="Target checkpoints.")
     data_root: Path | None = Field(default=None, description="Root of full datasets (CIFAR-10...).")
     models: list[str] = Field(default_factory=lambda: list(DEFAULT_MODELS))
@@ -133,6 +144,15 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_postgresql(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            scheme = value.get_secret_value().partition("://")[0]
+            if scheme not in ("postgresql", "postgres"):
+                raise ValueError(f"must be a postgresql:// URL, got scheme {echo(scheme)}")
+        return value
+
     @field_validator("output_policies")
     @classmethod
     def _policies_parse(cls, value: dict[str, str]) -> dict[str, str]:
@@ -198,4 +218,4 @@ def describe_settings_error(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-_SECRET_FIELDS = {"admin_token"}
+_SECRET_FIELDS = {"admin_token", "database_url"}

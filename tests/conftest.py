@@ -10,6 +10,9 @@
   machine's binaries, ``target_service.postgres_server``), and the URL of its database. It FAILS,
   never skips, when PostgreSQL cannot start. ``fresh_postgres_url``: a new empty database on that
   server for one test (a database per test is cheap; a server per test is not).
+- ``state_address``: parametrised over both state backends, where one test's state lives: a
+  SQLite file or a fresh PostgreSQL database (open it with ``target_service.state.store_at``;
+  open it twice for two replicas on one database).
 - ``one_torch_thread``: torch on one thread for a module (``pytestmark =
   pytest.mark.usefixtures("one_torch_thread")``): small batches on a shared 2-core machine run
   several times faster on one thread.
@@ -122,3 +125,10 @@ _database_numbers = itertools.count()
 @pytest.fixture
 def fresh_postgres_url(postgres_server: PostgresServer) -> str:
     return postgres_server.create_database(f"test_{next(_database_numbers)}")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def state_address(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "state.sqlite3")
+    return str(request.getfixturevalue("fresh_postgres_url"))

@@ -26,7 +26,7 @@ import torch
 
 from defenses.base import DETECTORS, make_detector
 from target_service.snapshots import read_snapshot
-from target_service.state import StateStore
+from target_service.state import SQLiteStore, StateStore
 from tests.e2e.test_detection_e2e import synthetic_steps
 from tests.target_service.worker_detectors import KIND, REGISTRATION
 
@@ -149,7 +149,7 @@ def test_a_worker_killed_mid_stream_is_resumed_with_no_query_skipped_or_seen_twi
     tmp_path: Path, workers_factory: Callable[[dict[str, Any]], Workers]
 ) -> None:
     workers = workers_factory({KIND: {"delay": 0.01}, "prada": {"delta": 0.95}})
-    store = StateStore(tmp_path / "state" / "state.sqlite3")
+    store = SQLiteStore(tmp_path / "state" / "state.sqlite3")
     client, _ = store.create_client("jbda", 10_000)
     batches = synthetic_steps(60, size=10)
     labels = [[int(v) for v in np.random.default_rng(i).integers(0, 10, 10)] for i in range(60)]
@@ -189,7 +189,7 @@ def test_two_workers_never_observe_one_stream_at_once(
     busy = tmp_path / "busy"
     busy.mkdir()
     workers = workers_factory({KIND: {"delay": 0.01, "busy_dir": str(busy)}})
-    store = StateStore(tmp_path / "state" / "state.sqlite3")
+    store = SQLiteStore(tmp_path / "state" / "state.sqlite3")
     clients = [store.create_client(f"c{i}", 10_000)[0].client_id for i in range(6)]
     processes = [workers.start(), workers.start()]
     workers.wait_watching(2)

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from defenses.base import make_detector
 from target_service.detect_worker import DetectionWorker, hosted_defences
 from target_service.settings import Settings
-from target_service.state import StateStore
+from target_service.state import open_store
 from tests.e2e.test_detection_e2e import synthetic_steps
 from tests.target_service.test_api import (
     ADMIN,
@@ -42,7 +42,7 @@ STEPS = synthetic_steps(40, size=MAX_BATCH)  # a JbDA-like stream PRADA flags wi
 def drain(state_dir: Path, checkpoint_dir: Path, **overrides: Any) -> None:
     """Run a detection worker in this process until no stream has queries left to see."""
     settings = worker_settings(state_dir, checkpoint_dir, **overrides)
-    store = StateStore(settings.state_path)
+    store = open_store(settings)
     try:
         worker = DetectionWorker(settings, store, hosted_defences(settings))
         while worker.step():
