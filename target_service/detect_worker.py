@@ -52,6 +52,7 @@ from target_service.zoo import HostedModel, load_hosted, load_user_model
 logger = logging.getLogger(__name__)
 
 NEW_STREAMS_PER_PASS = 1
+DISCOVERY_LOOKBACK = 10_000  # far more entries than can be in flight at once
 GROUP_PREFIX = "org:"
 ALL_CLIENTS = "all"
 
@@ -136,11 +137,16 @@ class DetectionWorker:
         return True
 
     def _discover(self) -> None:
-        """Note the streams that got queries since the last pass (an incremental scan)."""
+        """Note the streams that got queries since the last pass (an incremental scan). On
+        PostgreSQL, replicas commit entries out of id order (an id is drawn before its commit),
+        so the scan starts DISCOVERY_LOOKBACK ids back: an entry that committed after a higher
+        one was scanned is still found, not left until its client's next request."""
+        after = max(0, self._seen_through - DISCOVERY_LOOKBACK)
         for stream, model, last in self.store.detection_streams(
-            self.settings.detection_groups, after=self._seen_through
+            self.settings.detection_groups, after=after
         ):
-            self._last_entry[(stream, model)] = last
+            key = (stream, model)
+            self._last_entry[key] = max(self._last_entry.get(key, 0), last)
             self._seen_through = max(self._seen_through, last)
 
     def _advance(self, stream: str, model: str) -> bool:
