@@ -63,7 +63,7 @@ from target_service.testing import (  # noqa: E402
 
 MODEL = "lenet5-mnist"
 PATH = f"/v1/models/{MODEL}/predict"
-BUDGET = 10**10
+BUDGET = 10**9  # PostgreSQL keeps budgets in a 32-bit INTEGER
 
 
 @dataclass
