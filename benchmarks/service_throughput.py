@@ -341,6 +341,11 @@ async def measure(
     return cells, answered, lag
 
 
+def ratio(ours: float, bare: float) -> str:
+    """ours / bare, or "-" when the bare endpoint answered nothing in its window."""
+    return f"{ours / bare:.2f}" if bare > 0 else "-"
+
+
 def markdown(
     runs: dict[str, tuple[list[Cell], dict[str, Any]]], args: argparse.Namespace, load: float
 ) -> str:
@@ -368,10 +373,10 @@ def markdown(
                 lag_text += f" ({probe['never_processed']} of {probe['queries']} never processed)"
         lines.append(
             f"| {config} | "
-            + (f"{one.requests_per_s:,.0f} | {one.requests_per_s / bare_one.requests_per_s:.2f}"
+            + (f"{one.requests_per_s:,.0f} | {ratio(one.requests_per_s, bare_one.requests_per_s)}"
                if one and bare_one else "- | -")
             + " | "
-            + (f"{many.images_per_s:,.0f} | {many.images_per_s / bare_many.images_per_s:.2f}"
+            + (f"{many.images_per_s:,.0f} | {ratio(many.images_per_s, bare_many.images_per_s)}"
                if many and bare_many else "- | -")
             + " | "
             + (f"{one.p50_ms:.1f} | {one.p99_ms:.1f}" if one else "- | -")
@@ -393,7 +398,7 @@ def markdown(
                 f"| {config} | {c.batch} | {c.clients} | {c.images_per_s:,.0f} "
                 f"| {c.requests_per_s:,.1f} | {c.p50_ms:.1f} | {c.p99_ms:.1f} "
                 f"| {b.images_per_s:,.0f} | {b.p50_ms:.1f} | {b.p99_ms:.1f} "
-                f"| {c.images_per_s / b.images_per_s:.2f} |"
+                f"| {ratio(c.images_per_s, b.images_per_s)} |"
             )
     return "\n".join(lines) + "\n"
 
