@@ -35,7 +35,7 @@ from target_service.routes import admin, datasets, membership, public, training
 from target_service.screening import ScreeningHub, load_screens
 from target_service.service import TargetService
 from target_service.settings import Settings
-from target_service.state import StateStore
+from target_service.state import open_store
 from target_service.zoo import load_hosted
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(settings.torch_threads)
-        store = StateStore(settings.state_path)
+        store = open_store(settings)
         models = {
             name: load_hosted(
                 name,
@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             snapshot_dir=settings.state_dir / "detectors",
             metrics=metrics,
             snapshot_every=settings.snapshot_every,
+            inline=settings.detection_mode == "inline",
         )
         screening = ScreeningHub(
             store,
@@ -85,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service = TargetService(settings, store, models, metrics, detection, screening)
         app.state.service = service
         service.workers.supervise(store)  # also resumes jobs left by a restart or a dead worker
-        logger.info("serving %s with state in %s", sorted(models), settings.state_path)
+        logger.info("serving %s with state in %s", sorted(models), store.location)
         try:
             yield
         finally:
@@ -98,7 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         description="Label-only image classifiers behind API keys and query budgets.",
         lifespan=lifespan,
-        responses=documented(405, 500),
+        responses=documented(405, 500, 503),
     )
     app.include_router(public.router)
     app.include_router(admin.router)

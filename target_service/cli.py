@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from target_service.settings import Settings
 
 app = typer.Typer(help="The mlaas-range target service.", no_args_is_help=True)
 console = Console()
@@ -205,11 +208,20 @@ def serve(
         Path | None, typer.Option(help="Overrides TARGET_CHECKPOINT_DIR.")
     ] = None,
     log_level: Annotated[str, typer.Option()] = "info",
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1, max=64, help="Processes serving the port (uvicorn workers) on one database."
+        ),
+    ] = 1,
 ) -> None:
     """Serve the hosted models (settings from TARGET_* environment variables).
 
     Bad settings exit with code 2 before any model loads; a detector value or reference that
-    does not fit its detector stops the start-up (uvicorn's exit code 3), naming it."""
+    does not fit its detector stops the start-up (uvicorn's exit code 3), naming it. With
+    --workers N the processes share the state database, so what lives in one process's memory
+    must not matter: it needs TARGET_DETECTION_MODE=worker (and `target-service detect`) when a
+    model is watched, and no input defence; each process has its own rate limiter."""
     import uvicorn
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
@@ -233,7 +245,41 @@ def serve(
         settings.state_dir = state_dir
     if checkpoint_dir is not None:
         settings.checkpoint_dir = checkpoint_dir
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+    check_state_database(settings)
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+        return
+    from target_service.cluster import prepare_shared_start
+
+    try:
+        prepare_shared_start(settings)
+    except ValueError as exc:
+        typer.echo(f"--workers {workers}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    # each worker process builds its own app from the environment, overrides included
+    os.environ["TARGET_STATE_DIR"] = str(settings.state_dir)
+    os.environ["TARGET_CHECKPOINT_DIR"] = str(settings.checkpoint_dir)
+    uvicorn.run(
+        "target_service.app:create_app",
+        factory=True,
+        workers=workers,
+        host=host,
+        port=port,
+        log_level=log_level,
+    )
+
+
+def check_state_database(settings: Settings) -> None:
+    """Open the state database once (applying its migrations) before any model loads: a
+    database that does not answer exits with code 1, naming it (without its password)."""
+    from target_service.errors import StateUnavailable
+    from target_service.state import open_store
+
+    try:
+        open_store(settings).close()
+    except StateUnavailable as exc:
+        typer.echo(f"cannot start: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command("train-worker")
@@ -252,6 +298,138 @@ def train_worker(
     if state_dir is not None:
         settings.state_dir = state_dir
     run_worker(settings)
+
+
+@app.command()
+def detect(
+    state_dir: Annotated[Path | None, typer.Option(help="Overrides TARGET_STATE_DIR.")] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="Overrides TARGET_DATABASE_URL (PostgreSQL).")
+    ] = None,
+    poll: Annotated[
+        float, typer.Option(min=0.01, help="Seconds to wait when no stream has new queries.")
+    ] = 0.2,
+    log_level: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Run the detectors off the request path (TARGET_DETECTION_MODE=worker): consume the query
+    log per stream, write alarms; stops cleanly on SIGTERM. Start one or several."""
+    from target_service.detect_worker import run_detection_worker
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.umask(0o077)
+    settings = _settings(state_dir, database_url)
+    try:
+        run_detection_worker(settings, poll=poll)
+    except FileNotFoundError as exc:  # a checkpoint the service has not trained yet
+        typer.echo(f"cannot start the detection worker: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("create-client")
+def create_client(
+    name: Annotated[str, typer.Option(help="The client's name (printable text).")],
+    budget: Annotated[int, typer.Option(min=0, help="Queries it may buy.")],
+    org: Annotated[
+        str | None, typer.Option(help="Its organisation (cross-client detection groups).")
+    ] = None,
+    training_quota: Annotated[int, typer.Option(min=0, help="Image-epochs of training.")] = 0,
+    state_dir: Annotated[Path | None, typer.Option(help="Overrides TARGET_STATE_DIR.")] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="Overrides TARGET_DATABASE_URL (PostgreSQL).")
+    ] = None,
+) -> None:
+    """Create a client in the state database and print its id and API key (shown once)."""
+    import re
+
+    from target_service.state import ORG_PATTERN, open_store
+
+    if not name or not name.isprintable():
+        raise typer.BadParameter("--name must be printable text without control characters")
+    if org is not None and not re.match(ORG_PATTERN, org):
+        raise typer.BadParameter(
+            f"--org must be 1-64 letters, digits, '_', '.' or '-' (starting with a letter or "
+            f"digit), got {org[:100]!r}"
+        )
+    settings = _settings(state_dir, database_url)
+    store = open_store(settings)
+    try:
+        client, api_key = store.create_client(name, budget, training_quota=training_quota, org=org)
+    finally:
+        store.close()
+    typer.echo(f"client_id {client.client_id}\napi_key {api_key}")
+
+
+@app.command()
+def cluster(
+    replicas: Annotated[int, typer.Option(min=1, max=64, help="Service replicas.")] = 2,
+    port: Annotated[int, typer.Option(help="The first replica's port; the next ones follow.")] = (
+        8000
+    ),
+    state_dir: Annotated[
+        Path, typer.Option(help="State shared by the replicas: datasets, models, PostgreSQL.")
+    ] = Path("var/cluster"),
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="Use this PostgreSQL instead of starting one in STATE_DIR/postgres."),
+    ] = None,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="Overrides TARGET_CHECKPOINT_DIR.")
+    ] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    log_level: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Start PostgreSQL (unless --database-url), REPLICAS service replicas on ports PORT,
+    PORT+1, ... and one detection worker; print where they are; stop them all on Ctrl-C or
+    SIGTERM. Settings come from TARGET_* variables (detection runs in the worker)."""
+    from pydantic import ValidationError
+
+    from target_service.cluster import Cluster, ClusterError, run_cluster
+    from target_service.postgres_server import PostgresUnavailable
+    from target_service.settings import describe_settings_error
+
+    os.umask(0o077)
+    try:
+        cluster = Cluster(
+            state_dir, replicas=replicas, port=port, host=host, database_url=database_url,
+            checkpoint_dir=checkpoint_dir, log_level=log_level,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    try:
+        run_cluster(cluster, echo=typer.echo)
+    except ValidationError as exc:
+        typer.echo(f"invalid settings:\n{describe_settings_error(exc)}", err=True)
+        raise typer.Exit(2) from None
+    except (ClusterError, PostgresUnavailable, ValueError) as exc:
+        typer.echo(f"cannot start the cluster: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _settings(state_dir: Path | None, database_url: str | None) -> Any:
+    """Settings from TARGET_* with the command's overrides; exits 2 naming a bad setting."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from target_service.settings import Settings, describe_settings_error
+
+    if database_url is not None:
+        os.environ["TARGET_DATABASE_URL"] = database_url
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        typer.echo(f"invalid settings:\n{describe_settings_error(exc)}", err=True)
+        raise typer.Exit(2) from None
+    except SettingsError as exc:
+        typer.echo(f"invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if os.environ.get("TARGET_DATABASE_URL") and "database_url" not in type(settings).model_fields:
+        typer.echo("TARGET_DATABASE_URL: this build has no PostgreSQL backend", err=True)
+        raise typer.Exit(2)
+    if state_dir is not None:
+        settings.state_dir = state_dir
+    return settings
 
 
 if __name__ == "__main__":

@@ -22,6 +22,12 @@ next request (``catch_up``), or when the stream is loaded after a restart, it is
 the last snapshot and the query log, so once it works again it has seen every charged query.
 While a stream has a detector in error its snapshot is not rewritten (the old one stays the
 point to rebuild from).
+
+``TARGET_DETECTION_MODE=worker`` takes the detectors off the request path: requests only log
+their queries, a ``target-service detect`` process (``target_service.detect_worker``) feeds them
+to its own hub through ``advance`` and records the alarms, and this process's hub
+(``inline=False``) reads alarms from the store to block, observes nothing, writes no snapshot
+and rebuilds a stream from the snapshot and the log only for the admin views.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +44,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from defenses.base import DetectorError, StealingDetector, make_detector
+from defenses.base import DetectorError, StealingDetector, Verdict, make_detector
 from target_service.metrics import ServiceMetrics
 from target_service.snapshots import read_snapshot, write_snapshot
 from target_service.state import StateStore
@@ -46,6 +52,10 @@ from target_service.state import StateStore
 logger = logging.getLogger(__name__)
 
 AlarmPolicy = Literal["log", "block"]
+# (stream, model, after) -> (entry_id, images, labels) of the logged requests after ``after``
+LogReader = Callable[[str, str, int], Iterable[tuple[int, np.ndarray, list[int]]]]
+# (stream, model, detector, first_alarm_at, verdict): a detector's first alarm on a stream
+AlarmSink = Callable[[str, str, str, int, Verdict], None]
 
 
 @dataclass(frozen=True)
@@ -91,8 +101,21 @@ class DetectionHub:
         snapshot_dir: Path,
         metrics: ServiceMetrics,
         snapshot_every: int = 1000,
+        inline: bool = True,
+        read_log: LogReader | None = None,
+        on_alarm: AlarmSink | None = None,
     ) -> None:
+        """``inline``: requests feed the detectors (else a detection worker does, see the module
+        docstring); ``read_log`` and ``on_alarm`` replace reading a client's query log and
+        recording an alarm at once (the detection worker's group streams and transactions)."""
         self.store = store
+        self.inline = inline
+        self._read_log: LogReader = read_log or (
+            lambda client_id, model, after: store.query_log(client_id, model, after=after)
+        )
+        self._on_alarm: AlarmSink = on_alarm or (
+            self._record_alarm if inline else lambda *_alarm: None
+        )
         self.configs = configs
         self.snapshot_dir = snapshot_dir
         self.metrics = metrics
@@ -114,6 +137,14 @@ class DetectionHub:
             self._prototypes.update(prototypes)
             self.configs[model] = config
 
+    def warm_up(self, model: str, input_shape: tuple[int, ...]) -> None:
+        """Feed a throwaway copy of each of the model's detectors two blank images of one class,
+        so that first-use costs (lazy imports, JIT compilation) are paid now, not in the first
+        stream's detection lag."""
+        x = torch.stack([torch.zeros(input_shape), torch.ones(input_shape)])
+        for prototype in self._prototypes.get(model, {}).values():
+            copy.deepcopy(prototype).observe(x, torch.zeros(2, dtype=torch.int64))
+
     def watches(self, model: str) -> bool:
         config = self.configs.get(model)
         return config is not None and bool(config.detectors)
@@ -123,6 +154,8 @@ class DetectionHub:
         config = self.configs.get(model)
         if config is None or config.alarm_policy != "block":
             return False
+        if not self.inline:  # the detection worker records alarms (on the client or its org)
+            return self.store.alarm_blocks(client_id, model, list(config.detectors))
         return any((client_id, model, name) in self._alarmed for name in config.detectors)
 
     @contextmanager
@@ -152,8 +185,38 @@ class DetectionHub:
         if stream.since_snapshot >= self.snapshot_every and not stream.failed:
             self._snapshot(client_id, model, stream)
 
+    def advance(self, client_id: str, model: str) -> int:
+        """Feed the stream every logged request its detectors have not seen (loading it first:
+        snapshot and replay), rebuilding detectors in error; returns the stream's last entry."""
+        with self.stream_lock(client_id, model):
+            if (client_id, model) not in self._streams:
+                return self._stream(client_id, model).through_entry  # replayed to the log's end
+            stream = self._streams[(client_id, model)]
+            if stream.failed:
+                self._rebuild(client_id, model, stream, list(stream.failed))
+            for entry_id, images, labels in self._read_log(client_id, model, stream.through_entry):
+                self._feed(client_id, model, stream, images, labels)
+                stream.through_entry = entry_id
+                stream.since_snapshot += len(images)
+            return stream.through_entry
+
+    def save_snapshot(self, client_id: str, model: str, *, due_only: bool) -> None:
+        """Write a loaded stream's snapshot if it saw queries since the last one (with
+        ``due_only``, ``snapshot_every`` of them); never while a detector is in error."""
+        stream = self._streams.get((client_id, model))
+        if stream is None or stream.failed or not stream.since_snapshot:
+            return
+        if not due_only or stream.since_snapshot >= self.snapshot_every:
+            self._snapshot(client_id, model, stream)
+
+    def forget(self, client_id: str, model: str) -> None:
+        """Drop a stream from memory (the next use rebuilds it from its snapshot and the log)."""
+        self._streams.pop((client_id, model), None)
+
     def view(self, client_id: str, model: str) -> dict[str, dict[str, Any]]:
         """Each detector's first alarm, current statistic and threshold for one stream."""
+        if not self.inline:
+            self.advance(client_id, model)
         with self.stream_lock(client_id, model):
             stream = self._stream(client_id, model)
             return {
@@ -172,6 +235,8 @@ class DetectionHub:
     def close(self) -> None:
         """Snapshot every loaded stream, so the next start replays nothing (a stream with a
         detector in error keeps its last good snapshot, to rebuild that detector from)."""
+        if not self.inline:  # the detection worker owns the snapshots
+            return
         for (client_id, model), stream in list(self._streams.items()):
             if stream.since_snapshot and not stream.failed:
                 self._snapshot(client_id, model, stream)
@@ -217,7 +282,7 @@ class DetectionHub:
             stream.through_entry = max([stream.through_entry, *positions.values()])
         replayed = 0
         after = min(positions.values(), default=stream.through_entry)
-        for entry_id, images, labels in self.store.query_log(client_id, model, after=after):
+        for entry_id, images, labels in self._read_log(client_id, model, after):
             if not to_end and (
                 entry_id > stream.through_entry or all(n in stream.failed for n in names)
             ):
@@ -299,14 +364,7 @@ class DetectionHub:
                 detector.first_alarm_at is not None
                 and (client_id, model, name) not in self._alarmed
             ):
-                self.store.record_alarm(
-                    client_id,
-                    model=model,
-                    detector=name,
-                    query_index=detector.first_alarm_at,
-                    statistic=verdict.statistic,
-                    threshold=verdict.threshold,
-                )
+                self._on_alarm(client_id, model, name, detector.first_alarm_at, verdict)
                 self._alarmed.add((client_id, model, name))
                 self.metrics.alarms.labels(model, name).inc()
                 logger.warning(
@@ -316,6 +374,18 @@ class DetectionHub:
                     model,
                     detector.first_alarm_at,
                 )
+
+    def _record_alarm(
+        self, client_id: str, model: str, name: str, query_index: int, verdict: Verdict
+    ) -> None:
+        self.store.record_alarm(
+            client_id,
+            model=model,
+            detector=name,
+            query_index=query_index,
+            statistic=verdict.statistic,
+            threshold=verdict.threshold,
+        )
 
     def _fail(
         self,

@@ -13,7 +13,8 @@ ServiceError (code, status)
 ├── LengthRequired    411  a body without Content-Length or chunked encoding
 ├── PayloadTooLarge   413  batch or body over the limit
 ├── InvalidInput      422  shape, dtype, values, JSON
-└── RateLimited       429  too many requests per second
+├── RateLimited       429  too many requests per second
+└── StateUnavailable  503  the state database does not answer (down, restarting)
 
 The framework's own refusals (405, 408, 411, 413, 422, ...) get the same body; ``documented``
 puts every one a route can return in the OpenAPI spec.
@@ -40,6 +41,8 @@ STATUS_CODES: dict[int, str] = {
     422: "invalid_input, malformed_json, invalid_shape, empty_batch, invalid_scores, no_members",
     429: "rate_limited",
     500: "internal_error",
+    503: "state_unavailable: the state database does not answer; retry (with the same "
+    "request_id: a request that was charged is never charged twice)",
 }
 
 BODY_STATUSES = (400, 408, 411, 413, 422)
@@ -116,3 +119,7 @@ class InvalidInput(ServiceError):
 
 class RateLimited(ServiceError):
     status, code = 429, "rate_limited"
+
+
+class StateUnavailable(ServiceError):
+    status, code = 503, "state_unavailable"

@@ -127,8 +127,9 @@ class TargetService:
             screened = screen.screen(x, hosted.policy)
             answer, labels, screening = screened.answer, screened.labels, screened.screening
         watched = self.detection.watches(name)
+        inline = watched and self.detection.inline  # else the detection worker reads the log
         with self.detection.stream_lock(client.client_id, name):
-            if watched:  # detectors in error are rebuilt first: their alarms count from now
+            if inline:  # detectors in error are rebuilt first: their alarms count from now
                 self.detection.catch_up(client.client_id, name)
             if screen is not None:
                 self.screening.catch_up(client.client_id, name)
@@ -146,7 +147,7 @@ class TargetService:
                 observed_labels=labels,
                 screening=screening,
             )
-            if watched and charge.entry_id is not None:
+            if inline and charge.entry_id is not None:
                 self._observe(client.client_id, name, images, labels, charge.entry_id)
             if screening is not None and charge.entry_id is not None:
                 try:  # the screening is in the table: a restart replays it

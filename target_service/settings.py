@@ -26,7 +26,18 @@ class Settings(BaseSettings):
         description="Bearer token of the admin API (at least 16 characters); without it the "
         "admin API is off.",
     )
-    state_dir: Path = Field(default=Path("var"), description="SQLite state lives here.")
+    state_dir: Path = Field(
+        default=Path("var"),
+        description="SQLite state (unless TARGET_DATABASE_URL is set) and detector snapshots.",
+    )
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="postgresql://user:password@host:port/database: keep the state in "
+        "PostgreSQL, shared by replicas; unset = SQLite under the state directory.",
+    )
+    database_pool_size: int = Field(
+        default=10, ge=1, le=200, description="Most PostgreSQL connections per process."
+    )
     checkpoint_dir: Path = Field(default=Path("checkpoints"), description="Target checkpoints.")
     data_root: Path | None = Field(default=None, description="Root of full datasets (CIFAR-10...).")
     models: list[str] = Field(default_factory=lambda: list(DEFAULT_MODELS))
@@ -75,6 +86,23 @@ class Settings(BaseSettings):
     snapshot_every: int = Field(
         default=1000, ge=1, description="Detector snapshot period (queries)."
     )
+    detection_mode: Literal["inline", "worker"] = Field(
+        default="inline",
+        description="'inline': each request runs the detectors (exact blocking, one process); "
+        "'worker': requests only log their queries and `target-service detect` runs the "
+        "detectors, so `block` takes effect within the worker's lag.",
+    )
+    detection_groups: Literal["client", "org", "all"] = Field(
+        default="client",
+        description="What one detector watches (worker mode): each client, each org's clients "
+        "together (a client without an org on its own), or every client together.",
+    )
+    detection_lease_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A detection worker that has not renewed its lease on a stream for this "
+        "long loses it to another worker, which resumes from the stream's cursor.",
+    )
     torch_threads: int = Field(
         default=1,
         ge=1,
@@ -116,6 +144,15 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_postgresql(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            scheme = value.get_secret_value().partition("://")[0]
+            if scheme not in ("postgresql", "postgres"):
+                raise ValueError(f"must be a postgresql:// URL, got scheme {echo(scheme)}")
+        return value
+
     @field_validator("output_policies")
     @classmethod
     def _policies_parse(cls, value: dict[str, str]) -> dict[str, str]:
@@ -139,6 +176,16 @@ class Settings(BaseSettings):
                         f"{variable} names model {model!r}, which is not hosted; hosted "
                         f"(TARGET_MODELS): {self.models}"
                     )
+        if self.detection_groups != "client" and self.detection_mode != "worker":
+            raise ValueError(
+                f"TARGET_DETECTION_GROUPS={self.detection_groups} needs "
+                "TARGET_DETECTION_MODE=worker (groups are watched off the request path)"
+            )
+        if self.detection_groups == "all" and "block" in self.alarm_policies.values():
+            raise ValueError(
+                "TARGET_DETECTION_GROUPS=all with a 'block' alarm policy would block every "
+                "client at the first alarm: use 'log', or groups 'org'"
+            )
         for model, detectors in self.detectors.items():
             for name, settings in detectors.items():
                 try:
@@ -171,4 +218,4 @@ def describe_settings_error(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-_SECRET_FIELDS = {"admin_token"}
+_SECRET_FIELDS = {"admin_token", "database_url"}

@@ -42,7 +42,7 @@ from mlcore.training import accuracy, as_model_input, seed_everything, train_epo
 from target_service.datasets import DatasetFiles, declared_members, load_arrays
 from target_service.errors import NotFound
 from target_service.settings import Settings
-from target_service.state import StateStore
+from target_service.state import StateStore, open_store
 from target_service.training_jobs import TrainingJobRequest, train_size
 from target_service.zoo import (
     DEFAULT_DETECTORS,
@@ -116,12 +116,15 @@ class WorkerPool:
         """The service's environment, with the settings a worker uses as this service has
         them (they may have been set in code rather than in the environment)."""
         settings = self.settings
-        return {
+        environment = {
             **os.environ,
             "TARGET_TRAINING_LEASE_SECONDS": str(settings.training_lease_seconds),
             "TARGET_TRAINING_POLL_SECONDS": str(settings.training_poll_seconds),
             "TARGET_TORCH_THREADS": str(settings.torch_threads),
         }
+        if settings.database_url is not None:
+            environment["TARGET_DATABASE_URL"] = settings.database_url.get_secret_value()
+        return environment
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
@@ -143,14 +146,14 @@ class WorkerPool:
 def run_worker(settings: Settings) -> None:
     """Claim and run jobs until SIGTERM or until the parent process is gone."""
     torch.set_num_threads(settings.torch_threads)
-    store = StateStore(settings.state_path)
+    store = open_store(settings)
     parent = os.getppid()
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
         raise WorkerStopped
 
     signal.signal(signal.SIGTERM, stop)
-    logger.info("training worker %d polling %s", os.getpid(), settings.state_path)
+    logger.info("training worker %d polling %s", os.getpid(), store.location)
     try:
         while os.getppid() == parent:
             if not run_next_job(store, settings, parent=parent):

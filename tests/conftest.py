@@ -6,6 +6,13 @@
   subprocess on a free port with its own state directory (settings as keyword arguments, e.g.
   ``start(rate_limit=2, max_batch=50)``); every server it started is stopped at the test's end.
 - ``admin_create_client(server, name, budget) -> (client_id, api_key)``.
+- ``postgres_server`` / ``postgres_url``: one real PostgreSQL for the whole session (the
+  machine's binaries, ``target_service.postgres_server``), and the URL of its database. It FAILS,
+  never skips, when PostgreSQL cannot start. ``fresh_postgres_url``: a new empty database on that
+  server for one test (a database per test is cheap; a server per test is not).
+- ``state_address``: parametrised over both state backends, where one test's state lives: a
+  SQLite file or a fresh PostgreSQL database (open it with ``target_service.state.store_at``;
+  open it twice for two replicas on one database).
 - ``one_torch_thread``: torch on one thread for a module (``pytestmark =
   pytest.mark.usefixtures("one_torch_thread")``): small batches on a shared 2-core machine run
   several times faster on one thread.
@@ -15,6 +22,9 @@ The helpers live in ``target_service.testing`` so benchmarks use the same code.
 
 from __future__ import annotations
 
+import itertools
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +32,7 @@ from typing import Any
 import pytest
 import torch
 
+from target_service.postgres_server import PostgresServer
 from target_service.testing import LiveServer, admin_create_client
 
 __all__ = ["LiveServer", "admin_create_client"]
@@ -89,3 +100,35 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    # not under pytest's tmp folder: that one is root-only, and PostgreSQL runs as "postgres"
+    folder = tempfile.mkdtemp(prefix="mlaas-pg-")
+    server = PostgresServer(folder, durable=False)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    return postgres_server.url
+
+
+_database_numbers = itertools.count()
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_server: PostgresServer) -> str:
+    return postgres_server.create_database(f"test_{next(_database_numbers)}")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def state_address(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "state.sqlite3")
+    return str(request.getfixturevalue("fresh_postgres_url"))

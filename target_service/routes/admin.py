@@ -12,7 +12,7 @@ from target_service.errors import BODY_STATUSES, documented
 from target_service.routes.datasets import AdminDatasetView, remove_dataset
 from target_service.routes.training import AdminJobView, admin_job_view
 from target_service.service import TargetService
-from target_service.state import Client
+from target_service.state import ORG_PATTERN, Client
 
 router = APIRouter(prefix="/v1/admin", responses=documented(401, 403))
 
@@ -25,6 +25,12 @@ class ClientCreate(BaseModel):
     budget: int = Field(ge=0, le=10**12)
     training_quota: int = Field(
         default=0, ge=0, le=10**15, description="Image-epochs of training; 0 = may not train."
+    )
+    org: str | None = Field(
+        default=None,
+        pattern=ORG_PATTERN,
+        description="Its organisation: TARGET_DETECTION_GROUPS=org watches an org's clients "
+        "together. 1-64 letters, digits, '_', '.' or '-'.",
     )
 
     @field_validator("name")
@@ -41,11 +47,13 @@ class ClientCreated(BaseModel):
     api_key: str = Field(description="Shown once; the service keeps only its hash.")
     budget: int
     training_quota: int
+    org: str | None = None
 
 
 class ClientView(BaseModel):
     client_id: str
     name: str
+    org: str | None = None
     budget: int
     queries_used: int
     queries_remaining: int
@@ -123,6 +131,12 @@ class AlarmView(BaseModel):
     model: str
     detector: str
     status: Literal["alarm", "error"] = "alarm"
+    stream: str | None = Field(
+        None,
+        description="A group's alarm (TARGET_DETECTION_GROUPS): 'org:<org>' or 'all'; then "
+        "query_index counts the group's union of queries and the client is the one whose query "
+        "raised it.",
+    )
     query_index: int
     statistic: float | None = None
     threshold: float | None = None
@@ -130,9 +144,11 @@ class AlarmView(BaseModel):
     created_at: float
 
 
-def _view(client: Client, service: TargetService) -> ClientView:
+def _view(client: Client, service: TargetService, orgs: dict[str, str] | None = None) -> ClientView:
     quota, used = service.store.training_usage(client.client_id)
+    orgs = service.store.client_orgs() if orgs is None else orgs
     return ClientView(
+        org=orgs.get(client.client_id),
         training_quota=quota,
         training_used=used,
         client_id=client.client_id,
@@ -175,7 +191,7 @@ def _defence_view(client: Client, service: TargetService) -> ClientDefenceView:
 @router.post("/clients", status_code=status.HTTP_201_CREATED, responses=documented(*BODY_STATUSES))
 def create_client(body: ClientCreate, service: ServiceDep, _: AdminDep) -> ClientCreated:
     client, api_key = service.store.create_client(
-        body.name, body.budget, training_quota=body.training_quota
+        body.name, body.budget, training_quota=body.training_quota, org=body.org
     )
     return ClientCreated(
         client_id=client.client_id,
@@ -183,12 +199,14 @@ def create_client(body: ClientCreate, service: ServiceDep, _: AdminDep) -> Clien
         api_key=api_key,
         budget=client.budget,
         training_quota=body.training_quota,
+        org=body.org,
     )
 
 
 @router.get("/clients")
 def list_clients(service: ServiceDep, _: AdminDep) -> list[ClientView]:
-    return [_view(client, service) for client in service.store.list_clients()]
+    orgs = service.store.client_orgs()
+    return [_view(client, service, orgs) for client in service.store.list_clients()]
 
 
 @router.get("/clients/{client_id}", responses=documented(404, 422))
@@ -202,6 +220,7 @@ def list_alarms(service: ServiceDep, _: AdminDep) -> list[AlarmView]:
     """Every detector's first alarm on every client and model, and every detector in error,
     oldest first."""
     alarms = [AlarmView(**alarm) for alarm in service.store.list_alarms()]
+    alarms += [AlarmView(**alarm) for alarm in service.store.list_group_alarms()]
     errors = [AlarmView(**error, status="error") for error in service.store.list_detector_errors()]
     return sorted(alarms + errors, key=lambda view: view.created_at)
 

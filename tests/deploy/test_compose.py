@@ -1,5 +1,6 @@
 """docker-compose.yml without a Docker engine: parse it and check the topology (nginx in front of
-the target, the attacker behind nginx), healthchecks, start-up order, the 127.0.0.1 binding, that
+three target replicas on one PostgreSQL, a detection worker, the attacker behind nginx),
+healthchecks, start-up order, the 127.0.0.1 binding, that
 no secret has a default, that nginx enforces the service's body limit, and that the attacker's
 account can pay for everything `attacker run` buys there."""
 
@@ -34,20 +35,54 @@ def directive(conf: str, name: str) -> str:
     return match.group(1).strip()
 
 
+REPLICAS = ["target-1", "target-2", "target-3"]
+
+
 def test_nginx_fronts_the_target_and_the_attacker_goes_through_it(
     compose: dict[str, Any], nginx_conf: str
 ) -> None:
     services = compose["services"]
-    assert set(services) == {"target", "nginx", "attacker"}
-    assert "ports" not in services["target"], "the service itself must not be published"
+    assert set(services) == {"postgres", *REPLICAS, "detect", "nginx", "attacker"}
+    for name in REPLICAS:
+        assert "ports" not in services[name], "the service itself must not be published"
     mounts = {m.split(":")[1]: m.split(":")[0] for m in services["nginx"]["volumes"]}
     assert mounts["/etc/nginx/templates/default.conf.template"] == "./deploy/nginx.conf"
-    upstream = re.search(r"upstream\s+(\w+)\s*\{\s*server\s+([\w.-]+):(\d+)", nginx_conf)
-    assert upstream and upstream.group(2, 3) == ("target", "8000")
+    upstream = re.search(r"upstream\s+(\w+)\s*\{([^}]*)\}", nginx_conf)
+    assert upstream
+    servers = re.findall(r"^\s*server\s+([\w.-]+):(\d+)", upstream.group(2), re.M)
+    assert servers == [(name, "8000") for name in REPLICAS]
     assert directive(nginx_conf, "proxy_pass") == f"http://{upstream.group(1)}"
     attack_url = urlparse(services["attacker"]["environment"]["ATTACK_URL"])
     assert attack_url.hostname == "nginx"
     assert str(attack_url.port) == directive(nginx_conf, "listen")
+
+
+def test_replicas_and_the_detection_worker_share_postgresql_and_the_state_volume(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    postgres = services["postgres"]
+    assert "ports" not in postgres, "the database must not be published"
+    written = services["target-1"]["environment"]["TARGET_DATABASE_URL"]
+    url = urlparse(re.sub(r"\$\{POSTGRES_PASSWORD:\?[^}]*\}", "password", written))
+    assert (url.scheme, url.hostname, url.port, url.path) == (
+        "postgresql",
+        "postgres",
+        5432,
+        "/mlaas",
+    )
+    assert url.username == postgres["environment"]["POSTGRES_USER"]
+    assert url.path.lstrip("/") == postgres["environment"]["POSTGRES_DB"]
+    for name in [*REPLICAS, "detect"]:
+        service = services[name]
+        assert service["environment"] == services["target-1"]["environment"], name
+        assert service["environment"]["TARGET_DETECTION_MODE"] == "worker", name
+        assert sorted(service["volumes"]) == [
+            "target-checkpoints:/data/checkpoints",
+            "target-state:/data/state",
+        ], name
+    assert services["detect"]["command"] == ["target-service", "detect"]
+    assert set(compose["volumes"]) == {"postgres-data", "target-state", "target-checkpoints"}
 
 
 def test_the_published_port_is_bound_to_localhost_by_default(compose: dict[str, Any]) -> None:
@@ -57,11 +92,17 @@ def test_the_published_port_is_bound_to_localhost_by_default(compose: dict[str, 
 
 def test_healthchecks_and_start_order(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    for name in ("target", "nginx"):
+    healthy = {"condition": "service_healthy"}
+    for name in [*REPLICAS, "nginx"]:
         test = services[name]["healthcheck"]["test"]
         assert test[0] == "CMD" and any("/health" in part for part in test), name
-    assert services["nginx"]["depends_on"] == {"target": {"condition": "service_healthy"}}
-    assert services["attacker"]["depends_on"] == {"nginx": {"condition": "service_healthy"}}
+    assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
+    # the first replica migrates the schema and trains the missing checkpoints alone
+    assert services["target-1"]["depends_on"] == {"postgres": healthy}
+    for name in ["target-2", "target-3", "detect"]:
+        assert services[name]["depends_on"] == {"target-1": healthy}, name
+    assert services["nginx"]["depends_on"] == dict.fromkeys(REPLICAS, healthy)
+    assert services["attacker"]["depends_on"] == {"nginx": healthy}
 
 
 def test_no_secret_has_a_default(compose: dict[str, Any]) -> None:
@@ -76,7 +117,11 @@ def test_no_secret_has_a_default(compose: dict[str, Any]) -> None:
             if SECRET.search(key):
                 secrets += 1
                 assert str(value).startswith(f"${{{key}:?"), (key, value)
-    assert secrets == 2  # the admin token, for the target and the attacker
+    # the admin token (replicas, detection worker, attacker) and PostgreSQL's password
+    assert secrets == len(REPLICAS) + 3
+    for name in [*REPLICAS, "detect"]:
+        url = compose["services"][name]["environment"]["TARGET_DATABASE_URL"]
+        assert ":${POSTGRES_PASSWORD:?" in url, "the database password must not default"
 
 
 def test_nginx_limits_slow_clients_and_the_body_size_like_the_service(
@@ -86,7 +131,7 @@ def test_nginx_limits_slow_clients_and_the_body_size_like_the_service(
         assert re.fullmatch(r"\d+s", directive(nginx_conf, name)), name
     assert directive(nginx_conf, "client_max_body_size") == "${TARGET_MAX_BODY_BYTES}"
     services = compose["services"]
-    limit = services["target"]["environment"]["TARGET_MAX_BODY_BYTES"]
+    limit = services["target-1"]["environment"]["TARGET_MAX_BODY_BYTES"]
     assert services["nginx"]["environment"]["TARGET_MAX_BODY_BYTES"] == limit
     assert limit == "${TARGET_MAX_BODY_BYTES:-16777216}"  # the service's own default, 16 MiB
 

@@ -20,7 +20,7 @@ from attacker.cli import app
 from mlcore.checkpoints import load_checkpoint
 from mlcore.datasets import load_dataset
 from mlcore.training import predict_labels
-from target_service.state import StateStore
+from target_service.state import SQLiteStore
 from target_service.testing import LiveServer, admin_create_client
 
 pytestmark = pytest.mark.e2e
@@ -46,7 +46,7 @@ def queries_used(server: LiveServer, client_id: str) -> int:
 def what_the_server_answered(server: LiveServer, client_id: str) -> tuple[np.ndarray, np.ndarray]:
     """The images this client sent, in order, and the labels the server answered: the server's
     own query log (kept for its detectors), not the attacker's account of it."""
-    store = StateStore(server.state_path)
+    store = SQLiteStore(server.state_path)
     try:
         rows = list(store.query_log(client_id, MODEL))
     finally:

@@ -32,7 +32,7 @@ from target_service.app import create_app
 from target_service.datasets import declared_members, validate_npz
 from target_service.errors import ServiceError
 from target_service.settings import Settings
-from target_service.state import StateStore
+from target_service.state import open_store
 from target_service.worker import JobRunner, resume_path, run_next_job
 from target_service.zoo import (
     calibrate_checkpoint,
@@ -124,7 +124,7 @@ def submit(http: TestClient, key: str, **body: Any) -> Any:
 
 def run_queued_job(settings: Settings) -> None:
     """Run the next queued job here, as a worker process would."""
-    store = StateStore(settings.state_path)
+    store = open_store(settings)
     try:
         assert run_next_job(store, settings, parent=os.getppid())
     finally:
@@ -596,7 +596,7 @@ def test_members_declared_by_an_upload_can_be_challenged(
     assert challenges["undeclared"].status_code == 422
     assert challenges["undeclared"].json()["error"]["code"] == "no_members"
     assert challenges["declared"].status_code == 201, challenges["declared"].text
-    state = StateStore(app_settings.state_path)
+    state = open_store(app_settings)
     try:
         stored = state.get_membership_challenge(challenges["declared"].json()["challenge_id"])
     finally:
@@ -647,7 +647,7 @@ def test_published_model_gets_the_calibration_made_on_the_clients_data(
     key = create_client(http, "cal")
     dataset = upload_digits(http, key, 120, seed=4)
     detectors = {"prada": {}, "mi_redundancy": {"window": 20}}
-    state = StateStore(app_settings.state_path)
+    state = open_store(app_settings)
     try:
         few = app_settings.model_copy(update={"calibration_clients": 3})
         skipped = submit(http, key, dataset_id=dataset, name="few", detectors=detectors)
@@ -762,7 +762,7 @@ def test_a_worker_that_lost_its_job_writes_and_records_nothing(
     key = create_client(http, "vic")
     dataset = upload_digits(http, key, 40)
     job_id = submit(http, key, dataset_id=dataset, name="contested").json()["job_id"]
-    store = StateStore(app_settings.state_path)
+    store = open_store(app_settings)
     try:
         stale = store.claim_job("stale", lease_seconds=0.01)
         assert stale is not None and stale["job_id"] == job_id

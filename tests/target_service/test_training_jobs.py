@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import time
 import uuid
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
 from target_service.errors import Conflict, QuotaExceeded
-from target_service.state import StateStore
+from target_service.state import StateStore, store_at
 from target_service.training_jobs import FINAL, TRANSITIONS, sources
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> StateStore:
-    return StateStore(tmp_path / "state.sqlite3")
+def store(state_address: str) -> Iterator[StateStore]:
+    store = store_at(state_address)  # SQLite and PostgreSQL
+    yield store
+    store.close()
 
 
 def client_with_dataset(store: StateStore, quota: int = 1000) -> tuple[str, str]:
