@@ -11,7 +11,13 @@ from defenses.unlearnable.base import (
     check_eps,
     project,
 )
+from defenses.unlearnable.error_minimising import protect_classwise, protect_samplewise
+from defenses.unlearnable.random_noise import protect_random
 
-METHODS: dict[str, Method] = {}
+METHODS: dict[str, Method] = {
+    "em-classwise": protect_classwise,
+    "em-samplewise": protect_samplewise,
+    "random": protect_random,
+}
 
 __all__ = ["METHODS", "Method", "ProtectionResult", "UnlearnableError", "check_eps", "project"]
