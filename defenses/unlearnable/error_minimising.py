@@ -269,7 +269,11 @@ def _minimise(
     """``pgd_steps`` signed descent steps of the surrogate's summed loss with respect to the
     noise rows. A class's row collects the gradients of its images; with fewer rows than images
     (class-wise) each step looks at a random ``noise_sample`` of them, which estimates a class's
-    gradient well at a fraction of the cost; sample-wise rows each need their own image."""
+    gradient well at a fraction of the cost; sample-wise rows each need their own image.
+
+    The [0, 1] clip passes the gradient straight through (as the authors' code, which steps
+    the clipped image): with a plain clip, noise that starts negative on MNIST's black
+    background gets no gradient and stays dead for good."""
     surrogate.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     sampled = len(noise) < len(images) and settings.noise_sample < len(images)
@@ -281,8 +285,13 @@ def _minimise(
         noise.requires_grad_(True)
         gradient = torch.zeros_like(noise)
         for batch in chosen.split(500):
-            noisy = (images[batch] + noise[groups[batch]]).clamp(0, 1)
+            noisy = _clip_straight_through(images[batch] + noise[groups[batch]])
             loss = loss_fn(surrogate(noisy), labels[batch])
             gradient += torch.autograd.grad(loss, noise)[0]
         noise = (noise.detach() - step_size * gradient.sign()).clamp(-eps, eps)
     return noise
+
+
+def _clip_straight_through(images: torch.Tensor) -> torch.Tensor:
+    """``images.clamp(0, 1)`` forward; the identity backward."""
+    return images + (images.clamp(0, 1) - images).detach()
