@@ -146,16 +146,22 @@ def test_an_interrupted_run_resumes_to_the_same_noise(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_lenet5_learns_far_less_from_classwise_error_minimising_data() -> None:
-    """LeNet-5 trained on the embedded target-train split with class-wise error-minimising noise
-    (eps 32/255) scores far below the same LeNet-5 (same seed) trained on the clean images. The
-    margin asserted, 40 points, is robust: ... (see docs/benchmarks.md)."""
+def test_lenet5_learns_less_from_classwise_error_minimising_data() -> None:
+    """LeNet-5 trained (10 epochs, seed 0) on 1,000 images of the embedded target-train split
+    carrying class-wise error-minimising noise (eps 32/255, the default min-min loop) scores
+    well below the same LeNet-5 trained on the clean images. Measured on this setting: clean
+    91.1% for trainer seeds 0 and 1, protected 74.2% and 76.9% (docs/benchmarks.md), so a
+    10-point margin leaves 4-7 points for machine-level float differences. It is not the
+    "far below" the papers report on CIFAR-10: on MNIST the digits stay learnable beside the
+    noise (see docs/benchmarks.md)."""
     train, test = load_dataset("mnist-embedded:target-train"), load_dataset("mnist-embedded:test")
-    images, labels = train.as_float(), train.labels
+    index = balanced_subset_indices(train.labels, 1000, seed=0)
+    images, labels = train.as_float()[index], train.labels[index]
     protected = METHODS["em-classwise"](images, labels, eps=32 / 255, seed=0)
-    clean_score = clean_test_accuracy(images, labels, test.as_float(), test.labels, epochs=3)
+    assert protected.info["stopped_by"] == "stop_accuracy"  # the paper's rule ended it
+    clean_score = clean_test_accuracy(images, labels, test.as_float(), test.labels, epochs=10)
     protected_score = clean_test_accuracy(
-        protected.images, labels, test.as_float(), test.labels, epochs=3
+        protected.images, labels, test.as_float(), test.labels, epochs=10
     )
-    assert clean_score > 0.9
-    assert protected_score < clean_score - 0.4, (clean_score, protected_score)
+    assert clean_score > 0.85, clean_score
+    assert protected_score < clean_score - 0.10, (clean_score, protected_score)
