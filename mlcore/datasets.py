@@ -259,7 +259,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if not sep or not split:
         raise DatasetError(f"dataset spec must look like 'name:split', got {spec!r}")
     if name not in DATASETS:
-        raise DatasetError(f"dataset must be one of {sorted(DATASETS)} (or npz:PATH), got {name!r}")
+        raise DatasetError(f"dataset must be one of {sorted(DATASETS)}, got {name!r}")
     if split not in DATASETS[name].splits:
         raise DatasetError(
             f"split of {name} must be one of {list(DATASETS[name].splits)}, got {split!r}"

@@ -39,9 +39,7 @@ def upload_and_train(runner: CliRunner, common: list[str], path: Path, name: str
     return trained.stdout.strip().splitlines()[-1]
 
 
-def test_a_protected_upload_trains_a_worse_hosted_model(
-    server: LiveServer, tmp_path: Path
-) -> None:
+def test_a_protected_upload_trains_a_worse_hosted_model(server: LiveServer, tmp_path: Path) -> None:
     key = create_client(server, "owner", budget=1000, quota=100_000)
     train_x, train_y = sample("mnist-embedded:target-train", 1000, seed=5)
     test_x, test_y = sample("mnist-embedded:test", 300, seed=6)
