@@ -123,7 +123,7 @@ def protect_command(
     png = save_figure(figure or output.with_suffix(".png"), clean, result, per_class=per_class)
     state_path.unlink(missing_ok=True)
     noise = result.noise.abs()
-    summary = {
+    summary: dict[str, Any] = {
         "output": str(output),
         "figure": str(png),
         "images": len(result.images),
