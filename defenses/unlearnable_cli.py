@@ -102,8 +102,8 @@ def protect_command(
 
     if list_methods:
         for name, fn in METHODS.items():
-            summary = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
-            console.print(f"{name}: {summary}")
+            first_paragraph = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
+            console.print(f"{name}: {first_paragraph}")
         return
     if method not in METHODS:
         raise typer.BadParameter(f"--method must be one of {list(METHODS)}, got {method!r}")
