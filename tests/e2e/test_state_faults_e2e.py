@@ -4,10 +4,8 @@ it is down, nothing charged twice, the same service process answers again afterw
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +17,7 @@ import psycopg
 import pytest
 
 from mlcore.wire import encode_tensor
-from target_service.postgres_server import PostgresServer
+from target_service.postgres_server import PostgresServer, temporary_postgres
 from target_service.testing import LiveServer, admin_create_client, free_port, target_env
 
 pytestmark = pytest.mark.e2e
@@ -47,13 +45,8 @@ def test_serve_with_the_database_down_exits_naming_it_without_its_password() -> 
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL of this test's own: it is stopped and started under load."""
-    folder = tempfile.mkdtemp(prefix="mlaas-pg-restart-")
-    server = PostgresServer(folder, durable=False)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
+    with temporary_postgres(durable=False) as server:
+        yield server
 
 
 def test_a_database_restart_under_load_fails_requests_with_503_and_charges_nothing_twice(
