@@ -349,21 +349,32 @@ def test_64_threads_on_two_stores_never_overspend_one_budget(state_address: str)
 def test_a_request_id_charged_through_two_stores_at_once_is_charged_once(
     state_address: str,
 ) -> None:
-    """The second one waits for the first to commit and gets its stored answer (README)."""
+    """In each of 20 rounds, 16 threads on two stores send one new request_id at once: one is
+    charged, the others wait for its commit and get its stored answer (README)."""
+    rounds, threads = 20, 16
     stores = [store_at(state_address) for _ in range(2)]
     try:
-        client, _ = stores[0].create_client("dup", 100)
-        results = []
-        run_together(
-            lambda i: results.append(charge(stores[i % 2], client.client_id, 5, request_id="same")),
-            16,
-        )
-        assert len(results) == 16
-        assert sum(not result.replayed for result in results) == 1
-        charged = next(result for result in results if not result.replayed).response
-        assert all(r.response == {**charged, "charged": 0} for r in results if r.replayed)
-        assert stores[1].get_client(client.client_id).used == 5
-        assert ledger(stores[0], client.client_id) == [("same", 5)]
+        client, _ = stores[0].create_client("dup", 5 * rounds)
+        results: dict[str, list] = {f"r{round_}": [] for round_ in range(rounds)}
+        barrier = threading.Barrier(threads, timeout=60)
+
+        def work(index: int) -> None:
+            try:
+                for request_id, answers in results.items():
+                    barrier.wait()
+                    answers.append(charge(stores[index % 2], client.client_id, 5, request_id))
+            except BaseException:
+                barrier.abort()  # the other threads stop at the next round, not in a minute
+                raise
+
+        run_together(work, threads)
+        for answers in results.values():
+            assert len(answers) == threads
+            assert sum(not answer.replayed for answer in answers) == 1
+            charged = next(answer for answer in answers if not answer.replayed).response
+            assert all(a.response == {**charged, "charged": 0} for a in answers if a.replayed)
+        assert stores[1].get_client(client.client_id).used == 5 * rounds
+        assert ledger(stores[0], client.client_id) == [(request_id, 5) for request_id in results]
     finally:
         for store in stores:
             store.close()
