@@ -20,9 +20,13 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -206,3 +210,16 @@ class PostgresServer:
             if exists is None:
                 connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.url_for(name)
+
+
+@contextmanager
+def temporary_postgres(prefix: str = "mlaas-pg-", **options: Any) -> Iterator[PostgresServer]:
+    """A started server in a new folder under the system's temporary one (which user
+    ``postgres`` can enter, unlike pytest's), stopped and deleted at the end."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    server = PostgresServer(folder, **options)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)

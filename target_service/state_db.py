@@ -31,6 +31,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
 from target_service.errors import StateUnavailable
 
 Row = Mapping[str, Any]
@@ -150,34 +154,34 @@ class PostgresDatabase(Database):
     SCHEMA_LOCK = 0x6D6C6161  # advisory lock key of schema migrations ("mlaa")
 
     def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0) -> None:
-        import psycopg
-        from psycopg.rows import dict_row
-        from psycopg_pool import ConnectionPool, PoolTimeout
-
         self.url = url
         self.location = mask_password(url)
-        self._connection_errors = (psycopg.OperationalError, PoolTimeout)
         self._local = threading.local()
+        connect_timeout = max(1, round(timeout))  # libpq wants whole seconds
         self._pool = ConnectionPool(
             url,
             min_size=1,
             max_size=pool_size,
             timeout=timeout,
-            kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": timeout},
+            kwargs={
+                "autocommit": True,
+                "row_factory": dict_row,
+                "connect_timeout": connect_timeout,
+            },
             check=ConnectionPool.check_connection,  # a connection the restart broke is replaced
             open=False,
             name="state",
         )
         with self._unavailable_on_connection_errors():
             # one plain connection first: it fails at once, with the server's own reason
-            psycopg.connect(url, connect_timeout=max(1, round(timeout))).close()
+            psycopg.connect(url, connect_timeout=connect_timeout).close()
             self._pool.open(wait=True, timeout=timeout)
 
     @contextmanager
     def _unavailable_on_connection_errors(self) -> Iterator[None]:
         try:
             yield
-        except self._connection_errors as exc:
+        except (psycopg.OperationalError, PoolTimeout) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StateUnavailable(
                 f"the state database {self.location} is unavailable: {reason}"

@@ -23,8 +23,6 @@ The helpers live in ``target_service.testing`` so benchmarks use the same code.
 from __future__ import annotations
 
 import itertools
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from typing import Any
 import pytest
 import torch
 
-from target_service.postgres_server import PostgresServer
+from target_service.postgres_server import PostgresServer, temporary_postgres
 from target_service.testing import LiveServer, admin_create_client
 
 __all__ = ["LiveServer", "admin_create_client"]
@@ -104,14 +102,8 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    # not under pytest's tmp folder: that one is root-only, and PostgreSQL runs as "postgres"
-    folder = tempfile.mkdtemp(prefix="mlaas-pg-")
-    server = PostgresServer(folder, durable=False)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
+    with temporary_postgres(durable=False) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,11 @@ import psycopg
 import pytest
 
 from target_service import postgres_server
-from target_service.postgres_server import PostgresServer, PostgresUnavailable
+from target_service.postgres_server import (
+    PostgresServer,
+    PostgresUnavailable,
+    temporary_postgres,
+)
 
 
 def test_the_session_server_answers_on_its_database(postgres_url: str) -> None:
@@ -42,8 +46,8 @@ def traversable_folder() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_stop_and_start_keep_the_port_and_the_data(traversable_folder: Path) -> None:
-    with PostgresServer(traversable_folder, durable=False) as server:
+def test_stop_and_start_keep_the_port_and_the_data() -> None:
+    with temporary_postgres(durable=False) as server:
         with psycopg.connect(server.url, autocommit=True) as connection:
             connection.execute("CREATE TABLE kept (x int)")
             connection.execute("INSERT INTO kept VALUES (7)")

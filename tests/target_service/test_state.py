@@ -12,7 +12,7 @@ import shutil
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,22 @@ def ledger(store: StateStore, client_id: str) -> list[tuple[str | None, int]]:
         (client_id,),
     ).fetchall()
     return [(row["request_id"], row["images"]) for row in rows]
+
+
+def run_together(work: Callable[[int], Any], threads: int, timeout: float = 300) -> None:
+    """``work(index)`` in ``threads`` threads that all start at once; each must finish."""
+    start = threading.Barrier(threads)
+
+    def run(index: int) -> None:
+        start.wait()
+        work(index)
+
+    pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(timeout=timeout)
+    assert not any(thread.is_alive() for thread in pool)
 
 
 def test_api_key_is_stored_only_as_its_hash(tmp_path: Path) -> None:
@@ -164,11 +180,9 @@ def test_threads_racing_on_one_budget_never_overspend(store: StateStore) -> None
     answered: Counter[int] = Counter()
     reported: list[int] = []
     lock = threading.Lock()
-    start = threading.Barrier(threads)
 
     def worker(index: int) -> None:
         sizes = [1 + (index + step) % 4 for step in range(10_000)]
-        start.wait()
         for size in sizes:
             try:
                 result = charge(store, client.client_id, size)
@@ -180,12 +194,7 @@ def test_threads_racing_on_one_budget_never_overspend(store: StateStore) -> None
                 answered[index] += size
                 reported.append(result.response["queries_used"])
 
-    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join(timeout=120)
-    assert not any(thread.is_alive() for thread in pool)
+    run_together(worker, threads)
 
     assert sum(answered.values()) == budget
     assert store.get_client(client.client_id).used == budget
@@ -197,18 +206,8 @@ def test_threads_racing_on_one_budget_never_overspend(store: StateStore) -> None
 
 def test_concurrent_duplicates_of_one_request_id_are_charged_once(store: StateStore) -> None:
     client, _ = store.create_client("dup", 100)
-    start = threading.Barrier(8)
     results = []
-
-    def worker() -> None:
-        start.wait()
-        results.append(charge(store, client.client_id, 5, request_id="same"))
-
-    pool = [threading.Thread(target=worker) for _ in range(8)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join(timeout=60)
+    run_together(lambda _: results.append(charge(store, client.client_id, 5, request_id="same")), 8)
     assert len(results) == 8
     assert sum(not result.replayed for result in results) == 1
     assert all(  # one answer; only the charged request says it was charged
@@ -332,30 +331,15 @@ def test_64_threads_on_two_stores_never_overspend_one_budget(state_address: str)
     stores = [store_at(state_address, pool_size=16) for _ in range(2)]
     try:
         client, _ = stores[0].create_client("racer", budget)
-        answered: list[int] = []
-        start = threading.Barrier(threads)
-
-        def worker(index: int) -> None:
-            store = stores[index % 2]
-            start.wait()
-            for step in range(10_000):
-                size = 1 + (index + step) % 4
-                try:
-                    charge(store, client.client_id, size)
-                except BudgetExhausted:
-                    if size == 1:
-                        return
-                    continue
-                answered.append(size)  # list.append is atomic
-
-        pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-        for thread in pool:
-            thread.start()
-        for thread in pool:
-            thread.join(timeout=300)
-        assert not any(thread.is_alive() for thread in pool)
+        answered: list[tuple[int, int]] = []
+        run_together(
+            lambda i: answered.extend(_charge_until_broke(stores[i % 2], client.client_id, i)),
+            threads,
+        )
         used = stores[1].get_client(client.client_id).used
-        assert used == budget == sum(answered), "0 overspend, and every answered charge counted"
+        assert used == budget == sum(size for size, _ in answered), (
+            "0 overspend, and every answered charge counted"
+        )
         assert sum(images for _, images in ledger(stores[0], client.client_id)) == used
     finally:
         for store in stores:
@@ -365,28 +349,32 @@ def test_64_threads_on_two_stores_never_overspend_one_budget(state_address: str)
 def test_a_request_id_charged_through_two_stores_at_once_is_charged_once(
     state_address: str,
 ) -> None:
-    """The second one waits for the first to commit and gets its stored answer (README)."""
+    """In each of 20 rounds, 16 threads on two stores send one new request_id at once: one is
+    charged, the others wait for its commit and get its stored answer (README)."""
+    rounds, threads = 20, 16
     stores = [store_at(state_address) for _ in range(2)]
     try:
-        client, _ = stores[0].create_client("dup", 100)
-        start = threading.Barrier(16)
-        results = []
+        client, _ = stores[0].create_client("dup", 5 * rounds)
+        results: dict[str, list] = {f"r{round_}": [] for round_ in range(rounds)}
+        barrier = threading.Barrier(threads, timeout=60)
 
-        def worker(index: int) -> None:
-            start.wait()
-            results.append(charge(stores[index % 2], client.client_id, 5, request_id="same"))
+        def work(index: int) -> None:
+            try:
+                for request_id, answers in results.items():
+                    barrier.wait()
+                    answers.append(charge(stores[index % 2], client.client_id, 5, request_id))
+            except BaseException:
+                barrier.abort()  # the other threads stop at the next round, not in a minute
+                raise
 
-        pool = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
-        for thread in pool:
-            thread.start()
-        for thread in pool:
-            thread.join(timeout=60)
-        assert len(results) == 16
-        assert sum(not result.replayed for result in results) == 1
-        charged = next(result for result in results if not result.replayed).response
-        assert all(r.response == {**charged, "charged": 0} for r in results if r.replayed)
-        assert stores[1].get_client(client.client_id).used == 5
-        assert ledger(stores[0], client.client_id) == [("same", 5)]
+        run_together(work, threads)
+        for answers in results.values():
+            assert len(answers) == threads
+            assert sum(not answer.replayed for answer in answers) == 1
+            charged = next(answer for answer in answers if not answer.replayed).response
+            assert all(a.response == {**charged, "charged": 0} for a in answers if a.replayed)
+        assert stores[1].get_client(client.client_id).used == 5 * rounds
+        assert ledger(stores[0], client.client_id) == [(request_id, 5) for request_id in results]
     finally:
         for store in stores:
             store.close()
