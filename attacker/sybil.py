@@ -15,7 +15,7 @@ counts what each account was charged and the total.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -72,6 +72,19 @@ def assign_accounts(pool_labels: np.ndarray, accounts: int, split: str) -> np.nd
     raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
 
 
+def turns(
+    accounts: np.ndarray, count: int, *, turn: int = TURN
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(account, positions) of each purchase, in the order the accounts send them: every
+    account in turn buys its next ``turn`` assigned queries, until all are bought (the order
+    the service sees; the detection benchmark replays it)."""
+    queues = [np.flatnonzero(accounts == a) for a in range(count)]
+    for start in range(0, max(map(len, queues), default=0), turn):
+        for account, queue in enumerate(queues):
+            if start < len(queue):
+                yield account, queue[start : start + turn]
+
+
 def buy_split(
     oracles: list[LabelOracle], images: np.ndarray, accounts: np.ndarray, *, turn: int = TURN
 ) -> tuple[Purchase, list[str | None]]:
@@ -80,20 +93,15 @@ def buy_split(
     stopped). The purchase's ``stopped_by`` is "blocked" if an account was blocked, else
     "budget" if one ran out."""
     labels = np.full(len(images), NOT_BOUGHT, dtype=np.int64)
-    queues = [np.flatnonzero(accounts == a) for a in range(len(oracles))]
     stopped: list[str | None] = [None] * len(oracles)
-    done = [0] * len(oracles)
-    while any(stopped[a] is None and done[a] < len(queues[a]) for a in range(len(oracles))):
-        for account, oracle in enumerate(oracles):
-            if stopped[account] is not None or done[account] >= len(queues[account]):
-                continue
-            chunk = queues[account][done[account] : done[account] + turn]
-            purchase = buy(oracle, images[chunk])
-            labels[chunk] = purchase.labels
-            done[account] += len(chunk)
-            if purchase.stopped_by is not None:
-                stopped[account] = purchase.stopped_by
-                logger.warning("account %d stopped (%s)", account + 1, purchase.stopped_by)
+    for account, chunk in turns(accounts, len(oracles), turn=turn):
+        if stopped[account] is not None:
+            continue
+        purchase = buy(oracles[account], images[chunk])
+        labels[chunk] = purchase.labels
+        if purchase.stopped_by is not None:
+            stopped[account] = purchase.stopped_by
+            logger.warning("account %d stopped (%s)", account + 1, purchase.stopped_by)
     worst = "blocked" if "blocked" in stopped else "budget" if "budget" in stopped else None
     return Purchase(labels, worst), stopped  # type: ignore[arg-type]
 
