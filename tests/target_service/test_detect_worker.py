@@ -190,3 +190,22 @@ def test_groups_need_worker_mode_and_all_refuses_block(tmp_path: Path) -> None:
             detection_groups="all",
             alarm_policies={"lenet5-mnist": "block"},
         )
+
+
+def test_create_client_cli_stores_the_org_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from target_service.cli import app
+
+    args = ["create-client", "--name", "s1", "--budget", "10", "--state-dir", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--org", "acme"])
+    assert result.exit_code == 0, result.output
+    fields = dict(line.split(" ", 1) for line in result.output.splitlines())
+    store = StateStore(tmp_path / "state.sqlite3")
+    try:
+        assert store.authenticate(fields["api_key"]).client_id == fields["client_id"]
+        assert store.client_orgs() == {fields["client_id"]: "acme"}
+    finally:
+        store.close()
+    refused = CliRunner().invoke(app, [*args, "--org", "a b"])
+    assert refused.exit_code == 2 and "--org must be 1-64 letters" in refused.output
