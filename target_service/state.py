@@ -907,10 +907,11 @@ class StateStore:
 
     def detection_streams(self, groups: str, *, after: int = 0) -> list[tuple[str, str, int]]:
         """(stream, model, last entry) of every stream with query_log entries after ``after``:
-        a stream is a client (``groups`` "client"), a client's org as 'org:<org>' or, for a
-        client without one, the client ("org"), or every client as 'all' ("all")."""
+        each client, and (``groups`` "org") each org as 'org:<org>' or ("all") every client
+        together as 'all'."""
+        query = _STREAM_QUERIES[groups]
         with self._lock:
-            rows = self._db.execute(_STREAM_QUERIES[groups], (after,)).fetchall()
+            rows = self._db.execute(query, (after,) * query.count("?")).fetchall()
         return [(row[0], row[1], int(row[2])) for row in rows]
 
     def detection_log(
@@ -1045,13 +1046,16 @@ class StateStore:
         return [dict(row) for row in rows]
 
 
-_STREAM_QUERIES = {
-    "client": "SELECT client_id, model, MAX(entry_id) FROM query_log WHERE entry_id > ?"
-    " GROUP BY client_id, model",
-    "org": "SELECT COALESCE('org:' || o.org, q.client_id), q.model, MAX(q.entry_id)"
-    " FROM query_log q LEFT JOIN client_orgs o USING (client_id) WHERE q.entry_id > ?"
-    " GROUP BY 1, 2",
-    "all": "SELECT 'all', model, MAX(entry_id) FROM query_log WHERE entry_id > ? GROUP BY model",
+_CLIENT_STREAMS = (
+    "SELECT client_id, model, MAX(entry_id) FROM query_log WHERE entry_id > ?"
+    " GROUP BY client_id, model"
+)
+_STREAM_QUERIES = {  # a group is watched in addition to each of its clients
+    "client": _CLIENT_STREAMS,
+    "org": _CLIENT_STREAMS + " UNION ALL SELECT 'org:' || o.org, q.model, MAX(q.entry_id)"
+    " FROM query_log q JOIN client_orgs o USING (client_id) WHERE q.entry_id > ? GROUP BY 1, 2",
+    "all": _CLIENT_STREAMS + " UNION ALL SELECT 'all', model, MAX(entry_id) FROM query_log"
+    " WHERE entry_id > ? GROUP BY model",
 }
 # -- end of the detection block ------------------------------------------------------------------
 

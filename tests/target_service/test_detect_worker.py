@@ -151,9 +151,14 @@ def test_org_groups_watch_the_union_of_their_accounts_and_block_them_all(
         drain(tmp_path, trained_checkpoints, **groups)
 
         found = alarms(http)
-        assert [(a["stream"], a["detector"]) for a in found] == [("org:acme", "prada")]
-        assert found[0]["query_index"] == union_first_alarm(STEPS, labels)
-        assert found[0]["client_id"] in ids
+        group = [a for a in found if a["stream"] == "org:acme"]
+        assert [a["detector"] for a in group] == ["prada"]
+        assert group[0]["query_index"] == union_first_alarm(STEPS, labels)
+        assert group[0]["client_id"] in ids
+        own = {a["client_id"]: a["query_index"] for a in found if a["stream"] is None}
+        for i, client_id in enumerate(ids):  # each account is still watched on its own
+            assert own.get(client_id) == union_first_alarm(STEPS[i::2], labels[i::2])
+        assert loner_id not in own
         for key in keys:
             assert send(http, key, STEPS[1]) == 403
         assert send(http, loner, STEPS[1]) == 200
