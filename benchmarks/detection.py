@@ -30,6 +30,7 @@ Writes results/detection.json and results/detection.md (``--sybil-only``: detect
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -47,7 +48,7 @@ from attacker.oracle import LocalOracle  # noqa: E402
 from attacker.sybil import assign_accounts, turns  # noqa: E402
 from benchmarks.strategies import discover  # noqa: E402
 from defenses.base import make_detector  # noqa: E402
-from defenses.calibration import calibrate  # noqa: E402
+from defenses.calibration import Calibration, calibrate  # noqa: E402
 from mlcore.checkpoints import load_checkpoint  # noqa: E402
 from mlcore.datasets import ImageDataset, load_dataset  # noqa: E402
 from mlcore.training import accuracy  # noqa: E402
@@ -177,6 +178,13 @@ def main() -> int:
         help="only the Sybil rows: no validation clients, no substitutes",
     )
     parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="reuse this stored calibration of the checkpoint (a copy of an earlier run's "
+        "<model>.calibration.json) instead of calibrating",
+    )
+    parser.add_argument(
         "--strategies",
         nargs="+",
         default=None,
@@ -203,10 +211,17 @@ def main() -> int:
         "prada": {},
         "mi_redundancy": {"reference": mi_reference(spec, args.checkpoint_dir)},
     }
-    calibration = calibrate_target(
-        spec, args.checkpoint_dir, detectors, clients=args.clients, horizon=args.horizon,
-        share=min(args.shares), seed=args.seed,
-    )  # fmt: skip
+    if args.calibration is not None:
+        calibration = Calibration.load(args.calibration)
+        checkpoint = (args.checkpoint_dir / f"{spec.name}.pt").read_bytes()
+        if calibration.source.get("checkpoint_sha256") != hashlib.sha256(checkpoint).hexdigest():
+            parser.error(f"--calibration {args.calibration} was made for another checkpoint")
+        args.clients, args.horizon = calibration.clients, calibration.horizon
+    else:
+        calibration = calibrate_target(
+            spec, args.checkpoint_dir, detectors, clients=args.clients, horizon=args.horizon,
+            share=min(args.shares), seed=args.seed,
+        )  # fmt: skip
     print(f"calibrated in {calibration.source['seconds']} s", flush=True)
     attackers = attacker_streams(
         target, pool, k=args.k, jbda_k=args.jbda_k, seed=args.seed, only=args.strategies
