@@ -921,7 +921,19 @@ def transfer(
 @app.command()
 def run(
     url: Url,
-    api_key: ApiKey,
+    api_key: Annotated[
+        str | None, typer.Option(help="Your API key.", envvar="ATTACKER_API_KEY")
+    ] = None,
+    api_keys: Annotated[
+        Path | None,
+        typer.Option(
+            help="Sybil: a file of API keys, one per line, instead of --api-key; each "
+            "selection is split across these accounts (--split) and bought through all of them."
+        ),
+    ] = None,
+    split: Annotated[
+        str, typer.Option(help="Sybil (--api-keys): round-robin | by-class.")
+    ] = "round-robin",
     model: Model = "lenet5-mnist",
     method: Annotated[
         list[str] | None,
@@ -988,10 +1000,11 @@ def run(
     substitute = None
     try:  # every option, before any label is bought
         _check_url(url)
-        _check_key("--api-key", api_key)
+        keys = _accounts(api_key, api_keys, split, methods)
+        api_key = keys[0]  # the transfer step's account
         if eval_api_key is not None:
             _check_key("--eval-api-key", eval_api_key)
-            if eval_api_key == api_key:
+            if eval_api_key in keys:
                 raise ValueError("--eval-api-key must differ from --api-key (evaluation would "
                                  "spend the attack's budget and show in its query stream)")  # fmt: skip
         attack = make_attack(
@@ -1043,6 +1056,17 @@ def run(
                     epochs=epochs, round_epochs=round_epochs, batch_size=batch_size,
                     semi_supervised=semi_supervised, **common,
                 )  # fmt: skip
+            elif api_keys is not None:  # Sybil: one selection, several accounts
+                from attacker.sybil import sybil_and_evaluate
+
+                _, selection, select_seconds = _select(pool, data_root, method_name, budget, params)
+                result, record = sybil_and_evaluate(
+                    lambda key: _oracle(url, key, model, cache, shared_cache=shared_cache), keys,
+                    pool=pool_set, selection=selection, split=split, test=test_set, arch=arch,
+                    epochs=epochs, batch_size=batch_size, seed=seed, target_labels=labels,
+                    semi_supervised=semi_supervised,
+                )  # fmt: skip
+                record["select_seconds"] = round(select_seconds, 2)
             else:
                 _, selection, select_seconds = _select(pool, data_root, method_name, budget, params)
                 result, record = _extract_and_evaluate(
@@ -1077,6 +1101,7 @@ def run(
         "batch_size": batch_size,
         "semi_supervised": semi_supervised,
         "shared_cache": None if shared_cache is None else str(shared_cache),
+        "accounts": len(keys),
     }
     path = write_report(report_dir, runs, meta)
     _print_runs(runs)
@@ -1095,6 +1120,28 @@ def run(
     if summary is not None and "error" not in summary:
         _print_transfer(summary)
     console.print(f"report -> {path} (and report.md)")
+
+
+def _accounts(
+    api_key: str | None, api_keys: Path | None, split: str, methods: list[str]
+) -> list[str]:
+    """The attack's API keys: --api-key, or (Sybil) the keys in the --api-keys file, which
+    split the selection of a pool selector (not JbDA or an online method) --split ways."""
+    from attacker.selection.online import is_online
+    from attacker.sybil import SPLITS, read_api_keys
+
+    if (api_key is None) == (api_keys is None):
+        raise ValueError("give one of --api-key (one account) or --api-keys FILE (Sybil)")
+    if api_key is not None:
+        _check_key("--api-key", api_key)
+        return [api_key]
+    if split not in SPLITS:
+        raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    unsplittable = [m for m in methods if m == "jbda" or is_online(m)]
+    if unsplittable:
+        raise ValueError(f"--api-keys splits a selection of the pool; {unsplittable[0]} buys "
+                         "as it goes: use --api-key")  # fmt: skip
+    return read_api_keys(api_keys)  # type: ignore[arg-type]
 
 
 def _online_builder(

@@ -81,6 +81,16 @@ def _online_notes(runs: list[dict[str, Any]]) -> list[str]:
         if run.get("rounds"):
             sizes = ", ".join(str(record["bought"]) for record in run["rounds"])
             notes.append(f"- {run['method']} at k={run['k']}: labels bought per round {sizes}")
+        if run.get("accounts"):  # a Sybil run (attacker.sybil)
+            paid = ", ".join(
+                f"{a['account']}: {a['queries_paid']}"
+                + (f" ({a['stopped_by']})" if a["stopped_by"] else "")
+                for a in run["accounts"]
+            )
+            notes.append(
+                f"- {run['method']} at k={run['k']}: split {run['split']} across "
+                f"{len(run['accounts'])} accounts; queries paid per account {paid}"
+            )
         if run.get("guide_source") in sources:
             notes.append(
                 f"- {run['method']} at k={run['k']}: guide from {sources[run['guide_source']]}"

@@ -4,10 +4,10 @@ With ``TARGET_DETECTION_MODE=worker`` a predict request only writes its images a
 ``query_log`` (in the transaction of its charge); detection workers, processes of their own,
 feed them to the detectors and record the alarms, which the service then reads to ``block``.
 
-- **Streams.** A stream is one model's queries from one client, from one org's clients together
-  ('org:<org>') or from every client ('all'), as ``TARGET_DETECTION_GROUPS`` says; its detectors
-  see its queries in ledger order, so an org's detectors see the union of its accounts' queries
-  and report their first alarm in union queries.
+- **Streams.** A stream is one model's queries from one client and, as
+  ``TARGET_DETECTION_GROUPS`` says, also from one org's clients together ('org:<org>') or from
+  every client ('all'); its detectors see its queries in ledger order, so an org's detectors see
+  the union of its accounts' queries and report their first alarm in union queries.
 - **Leases.** Each stream has a row in ``detection_leases``: its owner (a worker's random token),
   the lease's expiry, and the cursor (the last entry its detectors saw). A worker takes a stream
   that is free, or whose owner's lease ran out, with one conditional upsert, and renews its

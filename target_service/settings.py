@@ -94,8 +94,8 @@ class Settings(BaseSettings):
     )
     detection_groups: Literal["client", "org", "all"] = Field(
         default="client",
-        description="What one detector watches (worker mode): each client, each org's clients "
-        "together (a client without an org on its own), or every client together.",
+        description="What the detectors watch (worker mode): each client; and also each org's "
+        "clients together ('org'), or every client together ('all').",
     )
     detection_lease_seconds: float = Field(
         default=10.0,

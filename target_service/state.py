@@ -1079,9 +1079,10 @@ class SQLStore:
 
     def detection_streams(self, groups: str, *, after: int = 0) -> list[tuple[str, str, int]]:
         """(stream, model, last entry) of every stream with query_log entries after ``after``:
-        a stream is a client (``groups`` "client"), a client's org as 'org:<org>' or, for a
-        client without one, the client ("org"), or every client as 'all' ("all")."""
-        rows = self._db.execute(_STREAM_QUERIES[groups], (after,)).fetchall()
+        each client, and (``groups`` "org") each org as 'org:<org>' or ("all") every client
+        together as 'all'."""
+        query = _STREAM_QUERIES[groups]
+        rows = self._db.execute(query, (after,) * query.count("?")).fetchall()
         return [(row["stream"], row["model"], int(row["last_entry"])) for row in rows]
 
     def detection_log(
@@ -1207,13 +1208,15 @@ class SQLStore:
         return [dict(row) for row in rows]
 
 
-_STREAM_QUERIES = {
-    "client": "SELECT client_id AS stream, model, MAX(entry_id) AS last_entry FROM query_log"
-    " WHERE entry_id > ? GROUP BY client_id, model",
-    "org": "SELECT COALESCE('org:' || o.org, q.client_id) AS stream, q.model AS model,"
-    " MAX(q.entry_id) AS last_entry FROM query_log q LEFT JOIN client_orgs o USING (client_id)"
-    " WHERE q.entry_id > ? GROUP BY 1, 2",
-    "all": "SELECT 'all' AS stream, model, MAX(entry_id) AS last_entry FROM query_log"
+_CLIENT_STREAMS = (
+    "SELECT client_id AS stream, model, MAX(entry_id) AS last_entry FROM query_log"
+    " WHERE entry_id > ? GROUP BY client_id, model"
+)
+_STREAM_QUERIES = {  # a group is watched in addition to each of its clients
+    "client": _CLIENT_STREAMS,
+    "org": _CLIENT_STREAMS + " UNION ALL SELECT 'org:' || o.org, q.model, MAX(q.entry_id)"
+    " FROM query_log q JOIN client_orgs o USING (client_id) WHERE q.entry_id > ? GROUP BY 1, 2",
+    "all": _CLIENT_STREAMS + " UNION ALL SELECT 'all', model, MAX(entry_id) FROM query_log"
     " WHERE entry_id > ? GROUP BY model",
 }
 # -- end of the detection block ------------------------------------------------------------------

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from defenses.base import make_detector
 from target_service.detect_worker import DetectionWorker, hosted_defences
 from target_service.settings import Settings
-from target_service.state import open_store
+from target_service.state import SQLiteStore, open_store
 from tests.e2e.test_detection_e2e import synthetic_steps
 from tests.target_service.test_api import (
     ADMIN,
@@ -151,9 +151,14 @@ def test_org_groups_watch_the_union_of_their_accounts_and_block_them_all(
         drain(tmp_path, trained_checkpoints, **groups)
 
         found = alarms(http)
-        assert [(a["stream"], a["detector"]) for a in found] == [("org:acme", "prada")]
-        assert found[0]["query_index"] == union_first_alarm(STEPS, labels)
-        assert found[0]["client_id"] in ids
+        group = [a for a in found if a["stream"] == "org:acme"]
+        assert [a["detector"] for a in group] == ["prada"]
+        assert group[0]["query_index"] == union_first_alarm(STEPS, labels)
+        assert group[0]["client_id"] in ids
+        own = {a["client_id"]: a["query_index"] for a in found if a["stream"] is None}
+        for i, client_id in enumerate(ids):  # each account is still watched on its own
+            assert own.get(client_id) == union_first_alarm(STEPS[i::2], labels[i::2])
+        assert loner_id not in own
         for key in keys:
             assert send(http, key, STEPS[1]) == 403
         assert send(http, loner, STEPS[1]) == 200
@@ -190,3 +195,22 @@ def test_groups_need_worker_mode_and_all_refuses_block(tmp_path: Path) -> None:
             detection_groups="all",
             alarm_policies={"lenet5-mnist": "block"},
         )
+
+
+def test_create_client_cli_stores_the_org_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from target_service.cli import app
+
+    args = ["create-client", "--name", "s1", "--budget", "10", "--state-dir", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--org", "acme"])
+    assert result.exit_code == 0, result.output
+    fields = dict(line.split(" ", 1) for line in result.output.splitlines())
+    store = SQLiteStore(tmp_path / "state.sqlite3")
+    try:
+        assert store.authenticate(fields["api_key"]).client_id == fields["client_id"]
+        assert store.client_orgs() == {fields["client_id"]: "acme"}
+    finally:
+        store.close()
+    refused = CliRunner().invoke(app, [*args, "--org", "a b"])
+    assert refused.exit_code == 2 and "--org must be 1-64 letters" in refused.output
