@@ -1,7 +1,7 @@
 """``defender``: the data owner's command line. Upload a dataset to the service and train a
 model on it there (the service hosts it as ``u/<client-name>/<name>``); build a sanitised twin
 of a checkpoint (``sanitize``); condense a dataset
-(``defenses/condensation``)."""
+(``defenses/condensation``); protect images with unlearnable noise (``protect``)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from defenses.condensation_cli import condense_command, evaluate_command
 from defenses.sanitization.command import sanitize
+from defenses.unlearnable_cli import protect_command
 from mlcore.client import ServiceClient, ServiceError
 
 app = typer.Typer(help="The mlaas-range defender and data owner.", no_args_is_help=True)
 app.command()(sanitize)
 app.command("condense")(condense_command)
 app.command("condense-eval")(evaluate_command)
+app.command("protect")(protect_command)
 console = Console()
 err_console = Console(stderr=True)
 

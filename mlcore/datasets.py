@@ -16,6 +16,11 @@ Full datasets are read from ``data_root`` with torchvision and never downloaded 
 - ``usps``: ``pool`` (7,291 train images) and ``test``; 16x16 scaled to 20x20 and centred.
 - ``cifar10``: ``train``/``target-train``/``pool`` (50k) and ``test`` (10k), read from the
   standard ``cifar-10-batches-py`` layout.
+
+``npz:PATH`` reads a file of the upload format (``images`` uint8 or float in [0, 1], (n, C, H, W)
+or (n, H, W); ``labels`` integers), such as ``defender protect`` or ``defender condense`` write:
+an attacker's pool or a training set. Float images are rounded to 8 bits (at most 0.5/255 off),
+as every dataset here is uint8.
 """
 
 from __future__ import annotations
@@ -198,13 +203,63 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+NPZ = "npz"  # ``npz:PATH``: a file, not a registry entry (``load_dataset`` reads it)
+
+
+def read_npz(
+    path: str | Path, *, need_labels: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 images (n, C, H, W) and int64 labels (None if the file has none and
+    ``need_labels`` is false) from an npz of the upload format; every refusal names the value."""
+    path = Path(path).expanduser()
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            files = sorted(npz.files)
+            if "images" not in files or (need_labels and "labels" not in files):
+                raise DatasetError(
+                    f"{path} must hold 'images' and 'labels' arrays, it holds {files[:10]}"
+                )
+            images = npz["images"]
+            labels = npz["labels"] if "labels" in files else None
+    except (OSError, ValueError, EOFError) as exc:
+        if isinstance(exc, DatasetError):
+            raise
+        raise DatasetError(f"cannot read an npz dataset at {path}: {str(exc)[:200]}") from None
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4 or len(images) == 0:
+        raise DatasetError(
+            f"images in {path} must be (n, C, H, W) or (n, H, W), got shape {list(images.shape)}"
+        )
+    if images.dtype.kind == "f":
+        low, high = float(images.min()), float(images.max())
+        if not (low >= 0.0 and high <= 1.0):  # NaN fails both
+            raise DatasetError(
+                f"float images in {path} must lie in [0, 1], got values in [{low:g}, {high:g}]"
+            )
+        images = np.rint(images.astype(np.float64) * 255)
+    elif images.dtype != np.uint8:
+        raise DatasetError(f"images in {path} must be uint8 or float, got {images.dtype}")
+    tensor = torch.from_numpy(images.astype(np.uint8))
+    if labels is None:
+        return tensor, None
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(images):
+        raise DatasetError(
+            f"labels in {path} must be {len(images)} integers (one per image), got "
+            f"{labels.dtype} of shape {list(labels.shape)}"
+        )
+    if int(labels.min()) < 0:
+        raise DatasetError(f"labels in {path} must be >= 0, got {int(labels.min())}")
+    return tensor, torch.from_numpy(labels.astype(np.int64))
+
+
 def parse_spec(spec: str) -> tuple[str, str]:
     """'mnist-embedded:pool' -> ('mnist-embedded', 'pool'), validated against the registry."""
     name, sep, split = spec.partition(":")
     if not sep or not split:
         raise DatasetError(f"dataset spec must look like 'name:split', got {spec!r}")
     if name not in DATASETS:
-        raise DatasetError(f"dataset must be one of {sorted(DATASETS)}, got {name!r}")
+        raise DatasetError(f"dataset must be one of {sorted(DATASETS)} (or npz:PATH), got {name!r}")
     if split not in DATASETS[name].splits:
         raise DatasetError(
             f"split of {name} must be one of {list(DATASETS[name].splits)}, got {split!r}"
@@ -220,7 +275,12 @@ def _load_cached(name: str, split: str, root: Path | None) -> ImageDataset:
 
 
 def load_dataset(spec: str, *, data_root: str | Path | None = None) -> ImageDataset:
-    """Load ``name:split`` (see the module docstring); full datasets need ``data_root``."""
+    """Load ``name:split`` or ``npz:PATH`` (see the module docstring); full datasets need
+    ``data_root``."""
+    if spec.startswith(NPZ + ":"):
+        images, labels = read_npz(spec[len(NPZ) + 1 :])
+        assert labels is not None  # need_labels
+        return ImageDataset(spec, images, labels, int(labels.max()) + 1)
     name, split = parse_spec(spec)
     root = Path(data_root).expanduser().resolve() if data_root is not None else None
     if DATASETS[name].needs_data_root:

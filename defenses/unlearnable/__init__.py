@@ -1,16 +1,27 @@
-"""Unlearnable examples: noise a data owner adds so that models trained on the data learn little.
-
-Every method is ``fn(images, labels, *, eps, seed, progress=None, resume_path=None, **options)
--> ProtectionResult``, registered by name in ``METHODS``.
-"""
+"""Unlearnable examples (seeds 003 and 004): small L-inf noise a data owner adds to images
+before publishing them, so that a model trained on them learns little. ``METHODS`` maps each
+method's name to its callable (the contract is in ``base.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from defenses.unlearnable.base import (
+    Method,
+    ProtectionResult,
+    UnlearnableError,
+    check_eps,
+    project,
+)
 from defenses.unlearnable.clusters import unlearnable_clusters
+from defenses.unlearnable.error_minimising import protect_classwise, protect_samplewise
 from defenses.unlearnable.mi_ue import mi_ue
+from defenses.unlearnable.random_noise import protect_random
 
-METHODS: dict[str, Callable] = {}
-METHODS["mi-ue"] = mi_ue
-METHODS["uc"] = unlearnable_clusters
+METHODS: dict[str, Method] = {
+    "em-classwise": protect_classwise,
+    "em-samplewise": protect_samplewise,
+    "random": protect_random,
+    "mi-ue": mi_ue,
+    "uc": unlearnable_clusters,
+}
+
+__all__ = ["METHODS", "Method", "ProtectionResult", "UnlearnableError", "check_eps", "project"]

@@ -25,7 +25,17 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from torch import nn
 
-from defenses.unlearnable.base import Progress, ProtectionResult, check_eps
+from defenses.unlearnable.base import (
+    Progress,
+    ProtectionResult,
+    UnlearnableError,
+    check_eps,
+    check_images,
+    check_labels,
+    load_state,
+    run_fingerprint,
+    save_state,
+)
 from defenses.unlearnable.surrogate import (
     DEFAULT_SOURCE,
     check_surrogate_fits,
@@ -62,15 +72,18 @@ def unlearnable_clusters(
     cluster pattern (identical within a cluster); the protected image is ``images + noise``
     clipped to [0, 1]. ``info["clusters"]`` gives each image's cluster."""
     eps = check_eps(eps)
-    images = _check_images(images)
+    images = check_images(images)
+    labels = check_labels(labels, len(images))
     if isinstance(clusters, bool) or not isinstance(clusters, int) or clusters < 2:
-        raise ValueError(f"clusters (p) must be an integer >= 2, got {clusters!r}")
+        raise UnlearnableError(f"clusters (p) must be an integer >= 2, got {clusters!r}")
     if clusters > len(images):
-        raise ValueError(f"clusters (p) must be at most the {len(images)} images, got {clusters}")
+        raise UnlearnableError(
+            f"clusters (p) must be at most the {len(images)} images, got {clusters}"
+        )
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise UnlearnableError(f"steps must be >= 1, got {steps}")
     if not 1 <= target_offset < clusters:
-        raise ValueError(f"target_offset must be in 1..{clusters - 1}, got {target_offset}")
+        raise UnlearnableError(f"target_offset must be in 1..{clusters - 1}, got {target_offset}")
     step_size = eps / 10 if step_size is None else step_size
 
     model, surrogate_info = _surrogate(
@@ -88,8 +101,18 @@ def unlearnable_clusters(
     assignment = torch.from_numpy(kmeans.labels_.astype("int64"))
     centres = torch.from_numpy(kmeans.cluster_centers_).float()
 
-    state = _load_state(resume_path, images.shape, eps, seed, clusters)
-    patterns: dict[int, torch.Tensor] = state["patterns"]
+    settings = {
+        "clusters": clusters,
+        "surrogate": surrogate if isinstance(surrogate, str) else surrogate_info,
+        "surrogate_arch": surrogate_arch,
+        "surrogate_epochs": surrogate_epochs,
+        "steps": steps,
+        "step_size": step_size,
+        "target_offset": target_offset,
+    }
+    fingerprint = run_fingerprint("uc", images, None, eps=eps, seed=seed, options=settings)
+    state = load_state(resume_path, fingerprint) or {"patterns": {}, "similarity": {}}
+    patterns: dict[int, torch.Tensor] = state["patterns"]  # finished clusters
     final_similarity: dict[int, float] = state["similarity"]
     extractor = feature_extractor(model).eval()
     for param in extractor.parameters():
@@ -104,9 +127,12 @@ def unlearnable_clusters(
         patterns[cluster], final_similarity[cluster] = _spin_pattern(
             extractor, members, target, start, eps=eps, steps=steps, step_size=step_size
         )
-        _save_state(resume_path, images.shape, eps, seed, clusters, patterns, final_similarity)
+        if resume_path is not None:
+            state = {"patterns": patterns, "similarity": final_similarity}
+            save_state(resume_path, fingerprint, state)
         if progress is not None:
-            progress(cluster + 1, clusters, final_similarity[cluster])
+            cosine = final_similarity[cluster]
+            progress(cluster + 1, clusters, f"cluster {cluster}: cosine to target {cosine:.3f}")
     noise = torch.stack([patterns[int(c)] for c in assignment])
     protected = (images + noise).clamp(0.0, 1.0)
     info: dict[str, Any] = {
@@ -122,7 +148,8 @@ def unlearnable_clusters(
         "target_cosine": [round(final_similarity[c], 4) for c in range(clusters)],
         "surrogate": surrogate_info,
     }
-    return ProtectionResult(images=protected, labels=labels, noise=noise, info=info)
+    # labels may be None (label-agnostic): passed through as they came
+    return ProtectionResult(images=protected, labels=labels, noise=noise, info=info)  # type: ignore[arg-type]
 
 
 def _spin_pattern(
@@ -166,7 +193,7 @@ def _surrogate(
         check_surrogate_fits(surrogate, images)
         return surrogate.eval(), {"source": "given model", "arch": type(surrogate).__name__}
     if not isinstance(surrogate, str):
-        raise ValueError(f"surrogate must be a dataset spec or a model, got {surrogate!r}")
+        raise UnlearnableError(f"surrogate must be a dataset spec or a model, got {surrogate!r}")
     return train_surrogate(
         surrogate,
         input_shape=tuple(images.shape[1:]),
@@ -175,51 +202,3 @@ def _surrogate(
         seed=seed,
         data_root=data_root,
     )
-
-
-def _check_images(images: torch.Tensor) -> torch.Tensor:
-    if images.ndim != 4 or len(images) == 0:
-        raise ValueError(f"images must be N x C x H x W with N > 0, got {list(images.shape)}")
-    images = images.float()
-    if images.min() < 0 or images.max() > 1:
-        raise ValueError("images must be floats in [0, 1]")
-    return images
-
-
-def _load_state(
-    path: str | Path | None, shape: torch.Size, eps: float, seed: int, clusters: int
-) -> dict[str, Any]:
-    """The patterns finished by an interrupted run with the same settings (none if no file)."""
-    if path is None or not Path(path).exists():
-        return {"patterns": {}, "similarity": {}}
-    state = torch.load(path, weights_only=True)
-    expected = {"shape": list(shape), "eps": eps, "seed": seed, "clusters": clusters}
-    found = {key: state.get(key) for key in expected}
-    if found != expected:
-        raise ValueError(f"resume file {path} is for {found}, this run is {expected}")
-    return state
-
-
-def _save_state(
-    path: str | Path | None,
-    shape: torch.Size,
-    eps: float,
-    seed: int,
-    clusters: int,
-    patterns: dict[int, torch.Tensor],
-    similarity: dict[int, float],
-) -> None:
-    if path is None:
-        return
-    path = Path(path)
-    payload = {
-        "shape": list(shape),
-        "eps": eps,
-        "seed": seed,
-        "clusters": clusters,
-        "patterns": patterns,
-        "similarity": similarity,
-    }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)

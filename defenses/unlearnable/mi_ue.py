@@ -25,7 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses.unlearnable.base import Progress, ProtectionResult, check_eps, project
+from defenses.unlearnable.base import (
+    Progress,
+    ProtectionResult,
+    UnlearnableError,
+    check_eps,
+    check_images,
+    check_labels,
+    load_state,
+    project,
+    require_labels,
+    run_fingerprint,
+    save_state,
+)
 from defenses.unlearnable.surrogate import feature_extractor, penultimate_features
 from mlcore.architectures import arch_kwargs_for, build_model
 from mlcore.training import seed_everything, train_epoch
@@ -129,25 +141,17 @@ def craft_mi_ue(
 ) -> tuple[ProtectionResult, nn.Module]:
     """``mi_ue`` that also returns the surrogate it trained (to measure what it did)."""
     eps = check_eps(eps)
-    if labels is None:
-        raise ValueError("mi-ue is class-wise: it needs labels (the pool has none)")
-    if images.ndim != 4 or len(images) != len(labels) or len(images) < 2:
-        raise ValueError(
-            f"need N x C x H x W images (N >= 2) and N labels, got {list(images.shape)} "
-            f"and {len(labels)}"
-        )
-    images, labels = images.float(), labels.long()
-    if images.min() < 0 or images.max() > 1:
-        raise ValueError("images must be floats in [0, 1]")
+    images = check_images(images)
+    labels = require_labels(check_labels(labels, len(images)), "mi-ue")
     for name, value in (
         ("rounds", rounds),
         ("noise_steps", noise_steps),
         ("batch_size", batch_size),
     ):
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise UnlearnableError(f"{name} must be >= 1, got {value}")
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise UnlearnableError(f"temperature must be > 0, got {temperature}")
     step_size = eps / 10 if step_size is None else step_size
     num_classes = int(labels.max()) + 1
 
@@ -157,7 +161,17 @@ def craft_mi_ue(
     generator = torch.Generator().manual_seed(seed)
     noise = torch.zeros_like(images)
     done, history = 0, []
-    state = _load_state(resume_path, images.shape, eps, seed)
+    settings = {
+        "arch": arch,
+        "rounds": rounds,
+        "noise_steps": noise_steps,
+        "step_size": step_size,
+        "temperature": temperature,
+        "batch_size": batch_size,
+        "stop_separation": stop_separation,
+    }
+    fingerprint = run_fingerprint("mi-ue", images, labels, eps=eps, seed=seed, options=settings)
+    state = load_state(resume_path, fingerprint)
     if state is not None:
         noise, done, history = state["noise"], state["round"], state["history"]
         surrogate.load_state_dict(state["surrogate"])
@@ -191,20 +205,19 @@ def craft_mi_ue(
         done += 1
         history.append(class_separation(surrogate, images + noise, labels))
         logger.info("mi-ue round %d: intra, inter-class cosine %.4f, %.4f", done, *history[-1])
-        _save_state(
-            resume_path,
-            images.shape,
-            eps,
-            seed,
-            noise,
-            done,
-            history,
-            surrogate,
-            optimizer,
-            generator,
-        )
+        if resume_path is not None:
+            state = {
+                "noise": noise,
+                "round": done,
+                "history": history,
+                "surrogate": surrogate.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+            }
+            save_state(resume_path, fingerprint, state)
         if progress is not None:
-            progress(done, rounds, _separation(history[-1]))
+            intra, inter = history[-1]
+            progress(done, rounds, f"intra-class cosine {intra:.3f}, inter-class {inter:.3f}")
     protected = images + noise
     info: dict[str, Any] = {
         "method": "mi-ue",
@@ -248,47 +261,3 @@ def _minimise_contrastive(
         (grad,) = torch.autograd.grad(loss, noise)
         noise = project(images, noise.detach() - step_size * grad.sign(), eps)
     return noise.detach()
-
-
-def _load_state(
-    path: str | Path | None, shape: torch.Size, eps: float, seed: int
-) -> dict[str, Any] | None:
-    if path is None or not Path(path).exists():
-        return None
-    state = torch.load(path, weights_only=True)
-    expected = {"shape": list(shape), "eps": eps, "seed": seed}
-    found = {key: state.get(key) for key in expected}
-    if found != expected:
-        raise ValueError(f"resume file {path} is for {found}, this run is {expected}")
-    return state
-
-
-def _save_state(
-    path: str | Path | None,
-    shape: torch.Size,
-    eps: float,
-    seed: int,
-    noise: torch.Tensor,
-    done: int,
-    history: list[tuple[float, float]],
-    surrogate: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-) -> None:
-    if path is None:
-        return
-    path = Path(path)
-    payload = {
-        "shape": list(shape),
-        "eps": eps,
-        "seed": seed,
-        "noise": noise,
-        "round": done,
-        "history": history,
-        "surrogate": surrogate.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(),
-    }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from defenses.unlearnable.base import UnlearnableError
 from mlcore.architectures import arch_kwargs_for, build_model
 from mlcore.datasets import load_dataset
 from mlcore.training import accuracy, fit, seed_everything
@@ -35,7 +36,7 @@ def feature_extractor(model: nn.Module) -> nn.Module:
         headless = copy.copy(model)  # shallow: same submodules, same weights
         headless.fc = nn.Identity()
         return headless
-    raise ValueError(f"cannot find the penultimate layer of a {type(model).__name__}")
+    raise UnlearnableError(f"cannot find the penultimate layer of a {type(model).__name__}")
 
 
 @torch.no_grad()
@@ -55,7 +56,7 @@ def check_surrogate_fits(model: nn.Module, images: torch.Tensor) -> None:
         with torch.no_grad():
             feature_extractor(model).eval()(images[:2].float())
     except RuntimeError as exc:
-        raise ValueError(
+        raise UnlearnableError(
             f"the surrogate does not fit images of shape {list(images.shape[1:])}: {str(exc)[:200]}"
         ) from None
 
@@ -74,7 +75,7 @@ def train_surrogate(
     source it was and how accurate it is on the held-out part."""
     data = load_dataset(source, data_root=data_root)
     if tuple(data.input_shape) != tuple(input_shape):
-        raise ValueError(
+        raise UnlearnableError(
             f"surrogate source {source} has images of shape {list(data.input_shape)}, "
             f"the images to protect are {list(input_shape)}"
         )
