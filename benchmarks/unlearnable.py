@@ -26,10 +26,12 @@ Writes results/unlearnable.json (rows resumable: results/unlearnable.rows.jsonl)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -212,8 +214,10 @@ def feature_mutual_information(
     return float(np.mean(values)) if values else 0.0
 
 
-def run_job(job: dict[str, Any], data: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-    """Protect once, then measure every requested row on the protected set."""
+def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Protect once, then measure every requested row on the protected set (in a worker)."""
+    torch.set_num_threads(1)
+    data, _ = load_data(job["data_root"], job["size"])
     method, eps, seed, epochs = job["method"], job["eps"], job["seed"], job["epochs"]
     images, labels = data["images"], data["labels"]
     test_images, test_labels = data["test_images"], data["test_labels"]
@@ -270,6 +274,7 @@ def _short(info: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in info.items() if key != "clusters"}
 
 
+@functools.lru_cache(maxsize=1)
 def load_data(data_root: Path | None, size: int) -> tuple[dict[str, torch.Tensor], str]:
     """Full MNIST when a data root holds it (a seeded, balanced ``size``-image subset of the
     training set is protected), the embedded split otherwise (its 1,500-image pool)."""
@@ -394,6 +399,7 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="embedded split, 32/255, 2 seeds")
     parser.add_argument("--data-root", type=Path, default=None)
+    parser.add_argument("--workers", type=int, default=1, help="jobs run in parallel processes")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "unlearnable.json")
     args = parser.parse_args()
     if args.quick:
@@ -410,10 +416,10 @@ def main() -> int:
         except (ValueError, ZeroDivisionError):
             parser.error(f"--eps must be numbers like 32/255 or 0.125, got {text!r}")
     started = time.perf_counter()
-    data, source = load_data(args.data_root, args.size)
+    _data, source = load_data(args.data_root, args.size)
     options = {"uc": {"surrogate": args.uc_surrogate, "data_root": args.data_root}}
-    common = {"epochs": args.epochs, "rows": args.rows, "archs": args.archs,
-              "options": options, "all_eps": args.eps}  # fmt: skip
+    common = {"epochs": args.epochs, "rows": args.rows, "archs": args.archs, "options": options,
+              "all_eps": args.eps, "data_root": args.data_root, "size": args.size}  # fmt: skip
     jobs = [{"method": "clean", "eps": "-", "seed": seed, **common} for seed in range(args.seeds)]
     jobs += [
         {"method": method, "eps": eps, "seed": seed, **common}
@@ -441,10 +447,10 @@ def main() -> int:
 
     todo = [job for job in jobs if not finished(job)]
     print(f"data: {source}; {len(jobs) - len(todo)} jobs done before, {len(todo)} to go")
-    with progress_path.open("a") as sink:
-        for i, job in enumerate(todo, 1):
-            print(f"[{i}/{len(todo)}] {job['method']} eps {job['eps']} seed {job['seed']}")
-            for row in run_job(job, data):
+    with ProcessPoolExecutor(args.workers) as pool, progress_path.open("a") as sink:
+        for i, job_rows in enumerate(pool.map(run_job, todo), 1):
+            print(f"[{i}/{len(todo)} jobs done]", flush=True)
+            for row in job_rows:
                 rows.append(row)
                 sink.write(json.dumps(row) + "\n")
             sink.flush()

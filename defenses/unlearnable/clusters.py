@@ -33,6 +33,7 @@ from defenses.unlearnable.base import (
     check_images,
     check_labels,
     load_state,
+    project,
     run_fingerprint,
     save_state,
 )
@@ -43,6 +44,7 @@ from defenses.unlearnable.surrogate import (
     penultimate_features,
     train_surrogate,
 )
+from mlcore.checkpoints import load_checkpoint
 from mlcore.training import accuracy
 
 logger = logging.getLogger(__name__)
@@ -67,10 +69,10 @@ def unlearnable_clusters(
 ) -> ProtectionResult:
     """Protect float ``images`` in [0, 1] with one noise pattern per K-means cluster.
 
-    ``surrogate`` is a dataset spec to train one on (another source than ``images``) or a trained
-    model. ``labels`` are not used, only passed through. The result's ``noise`` is each image's
-    cluster pattern (identical within a cluster); the protected image is ``images + noise``
-    clipped to [0, 1]. ``info["clusters"]`` gives each image's cluster."""
+    ``surrogate`` is the feature extractor's     model: a dataset spec to train one on (another source than ``images``), a checkpoint file,
+    or a trained model. ``labels`` are not used, only passed through. Every image of a cluster
+    gets the cluster's pattern, cut only where the [0, 1] clip cuts it; ``info["clusters"]``
+    gives each image's cluster."""
     eps = check_eps(eps)
     images = check_images(images)
     labels = check_labels(labels, len(images))
@@ -133,8 +135,9 @@ def unlearnable_clusters(
         if progress is not None:
             cosine = final_similarity[cluster]
             progress(cluster + 1, clusters, f"cluster {cluster}: cosine to target {cosine:.3f}")
-    noise = torch.stack([patterns[int(c)] for c in assignment])
-    protected = (images + noise).clamp(0.0, 1.0)
+    # Each image gets its cluster's pattern, cut where the [0, 1] clip cuts it (base.project).
+    noise = project(images, torch.stack([patterns[int(c)] for c in assignment]), eps)
+    protected = images + noise
     info: dict[str, Any] = {
         "method": "uc",
         "eps": eps,
@@ -192,6 +195,11 @@ def _surrogate(
     if isinstance(surrogate, nn.Module):
         check_surrogate_fits(surrogate, images)
         return surrogate.eval(), {"source": "given model", "arch": type(surrogate).__name__}
+    if isinstance(surrogate, str) and Path(surrogate).is_file():
+        checkpoint = load_checkpoint(surrogate)
+        check_surrogate_fits(checkpoint.model, images)
+        info = {"source": checkpoint.dataset, "arch": checkpoint.arch, "checkpoint": surrogate}
+        return checkpoint.model.eval(), {**info, **checkpoint.metrics}
     if not isinstance(surrogate, str):
         raise UnlearnableError(f"surrogate must be a dataset spec or a model, got {surrogate!r}")
     return train_surrogate(

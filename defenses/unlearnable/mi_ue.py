@@ -96,7 +96,7 @@ def mi_ue(
     seed: int,
     progress: Progress | None = None,
     resume_path: str | Path | None = None,
-    arch: str = "lenet5",
+    surrogate: str = "lenet5",
     rounds: int = 10,
     noise_steps: int = 10,
     step_size: float | None = None,
@@ -112,7 +112,7 @@ def mi_ue(
         seed=seed,
         progress=progress,
         resume_path=resume_path,
-        arch=arch,
+        surrogate=surrogate,
         rounds=rounds,
         noise_steps=noise_steps,
         step_size=step_size,
@@ -131,7 +131,7 @@ def craft_mi_ue(
     seed: int,
     progress: Progress | None = None,
     resume_path: str | Path | None = None,
-    arch: str = "lenet5",
+    surrogate: str = "lenet5",
     rounds: int = 10,
     noise_steps: int = 10,
     step_size: float | None = None,
@@ -139,7 +139,7 @@ def craft_mi_ue(
     batch_size: int = 256,
     stop_separation: float = 0.9,
 ) -> tuple[ProtectionResult, nn.Module]:
-    """``mi_ue`` that also returns the surrogate it trained (to measure what it did)."""
+    """``mi_ue`` that also returns the surrogate model it trained (to measure what it did)."""
     eps = check_eps(eps)
     images = check_images(images)
     labels = require_labels(check_labels(labels, len(images)), "mi-ue")
@@ -156,13 +156,17 @@ def craft_mi_ue(
     num_classes = int(labels.max()) + 1
 
     seed_everything(seed)
-    surrogate = build_model(arch, **arch_kwargs_for(arch, tuple(images.shape[1:]), num_classes))
-    optimizer = torch.optim.Adam(surrogate.parameters(), lr=1e-3)
+    model = build_model(
+        surrogate, **arch_kwargs_for(surrogate, tuple(images.shape[1:]), num_classes)
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.zeros_like(images)
+    # A uniform random start in the eps-ball (as sample-wise error-minimising noise starts).
+    start = (torch.rand(images.shape, generator=generator) * 2 - 1) * eps
+    noise = project(images, start, eps)
     done, history = 0, []
     settings = {
-        "arch": arch,
+        "arch": surrogate,
         "rounds": rounds,
         "noise_steps": noise_steps,
         "step_size": step_size,
@@ -174,14 +178,14 @@ def craft_mi_ue(
     state = load_state(resume_path, fingerprint)
     if state is not None:
         noise, done, history = state["noise"], state["round"], state["history"]
-        surrogate.load_state_dict(state["surrogate"])
+        model.load_state_dict(state["surrogate"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
 
-    extractor = feature_extractor(surrogate)
+    extractor = feature_extractor(model)
     while done < rounds and not (history and _separation(history[-1]) >= stop_separation):
         train_epoch(
-            surrogate,
+            model,
             optimizer,
             images + noise,
             labels,
@@ -203,14 +207,14 @@ def craft_mi_ue(
                 temperature=temperature,
             )
         done += 1
-        history.append(class_separation(surrogate, images + noise, labels))
+        history.append(class_separation(model, images + noise, labels))
         logger.info("mi-ue round %d: intra, inter-class cosine %.4f, %.4f", done, *history[-1])
         if resume_path is not None:
             state = {
                 "noise": noise,
                 "round": done,
                 "history": history,
-                "surrogate": surrogate.state_dict(),
+                "surrogate": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "generator": generator.get_state(),
             }
@@ -223,7 +227,7 @@ def craft_mi_ue(
         "method": "mi-ue",
         "eps": eps,
         "seed": seed,
-        "surrogate": {"source": "the protected images (bi-level)", "arch": arch},
+        "surrogate": {"source": "the protected images (bi-level)", "arch": surrogate},
         "rounds": done,
         "noise_steps": noise_steps,
         "step_size": step_size,
@@ -231,11 +235,9 @@ def craft_mi_ue(
         "stop_separation": stop_separation,
         "stopped_at": _separation(history[-1]) if history else None,
         "intra_inter_cosine": [[round(v, 4) for v in pair] for pair in history],
-        "intra_inter_cosine_clean": list(class_separation(surrogate, images, labels)),
+        "intra_inter_cosine_clean": list(class_separation(model, images, labels)),
     }
-    return ProtectionResult(
-        images=protected, labels=labels, noise=noise, info=info
-    ), surrogate.eval()
+    return ProtectionResult(images=protected, labels=labels, noise=noise, info=info), model.eval()
 
 
 def _separation(intra_inter: tuple[float, float]) -> float:
