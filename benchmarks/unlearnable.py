@@ -18,6 +18,7 @@ The clean baseline (method ``clean``) runs in the same run. Rows 3 (the training
 (model stealing from a protected pool) are not measured by this script yet.
 
     python benchmarks/unlearnable.py --quick                      # embedded split, a smoke run
+    python benchmarks/unlearnable.py --rows 4 5 --seeds 2 --eps 32/255   # the trainer's side
     python benchmarks/unlearnable.py --data-root ../shared/data   # full MNIST, 10,000 protected
 
 Writes results/unlearnable.json (rows resumable: results/unlearnable.rows.jsonl) and .md.
@@ -397,13 +398,17 @@ def main() -> int:
         "--uc-surrogate", default="digits-embedded:pool",
         help="dataset spec the UC surrogate is trained on (another source than the images)",
     )  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="embedded split, 32/255, 2 seeds")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="a smoke run: embedded split, 32/255, 2 seeds, rows 2 and 7, linear and LeNet-5",
+    )  # fmt: skip
     parser.add_argument("--data-root", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=1, help="jobs run in parallel processes")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "unlearnable.json")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.eps, args.data_root = 2, ["32/255"], None
+        args.rows, args.archs = [2, 7], ["linear", "lenet5"]
         if args.output == parser.get_default("output"):
             args.output = ROOT / "results" / "unlearnable_quick.json"
     methods = args.methods or list(METHODS)

@@ -37,6 +37,7 @@ from defenses.unlearnable.base import (
     run_fingerprint,
     save_state,
 )
+from defenses.unlearnable.options import check_option_names
 from defenses.unlearnable.surrogate import (
     DEFAULT_SOURCE,
     check_surrogate_fits,
@@ -57,7 +58,25 @@ def unlearnable_clusters(
     eps: float,
     seed: int,
     progress: Progress | None = None,
-    resume_path: str | Path | None = None,
+    resume_path: Path | None = None,
+    **options: Any,
+) -> ProtectionResult:
+    """Unlearnable Clusters: one noise pattern per K-means cluster of a surrogate's features
+    (label-agnostic; options: the keywords of ``protect_clusters``)."""
+    check_option_names("uc", protect_clusters, options)
+    return protect_clusters(
+        images, labels, eps=eps, seed=seed, progress=progress, resume_path=resume_path, **options
+    )
+
+
+def protect_clusters(
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    eps: float,
+    seed: int,
+    progress: Progress | None = None,
+    resume_path: Path | None = None,
     clusters: int = 10,
     surrogate: str | nn.Module = DEFAULT_SOURCE,
     surrogate_arch: str = "lenet5",

@@ -38,6 +38,7 @@ from defenses.unlearnable.base import (
     run_fingerprint,
     save_state,
 )
+from defenses.unlearnable.options import check_option_names
 from defenses.unlearnable.surrogate import feature_extractor, penultimate_features
 from mlcore.architectures import arch_kwargs_for, build_model
 from mlcore.training import seed_everything, train_epoch
@@ -95,30 +96,14 @@ def mi_ue(
     eps: float,
     seed: int,
     progress: Progress | None = None,
-    resume_path: str | Path | None = None,
-    surrogate: str = "lenet5",
-    rounds: int = 10,
-    noise_steps: int = 10,
-    step_size: float | None = None,
-    temperature: float = 0.1,
-    batch_size: int = 256,
-    stop_separation: float = 0.9,
+    resume_path: Path | None = None,
+    **options: Any,
 ) -> ProtectionResult:
-    """Sample-wise MI-UE noise for float ``images`` in [0, 1] with their ``labels``."""
-    result, _surrogate = craft_mi_ue(
-        images,
-        labels,
-        eps=eps,
-        seed=seed,
-        progress=progress,
-        resume_path=resume_path,
-        surrogate=surrogate,
-        rounds=rounds,
-        noise_steps=noise_steps,
-        step_size=step_size,
-        temperature=temperature,
-        batch_size=batch_size,
-        stop_separation=stop_separation,
+    """Sample-wise MI-UE noise for float ``images`` in [0, 1] with their ``labels`` (options:
+    the keywords of ``craft_mi_ue``)."""
+    check_option_names("mi-ue", craft_mi_ue, options)
+    result, _model = craft_mi_ue(
+        images, labels, eps=eps, seed=seed, progress=progress, resume_path=resume_path, **options
     )
     return result
 
@@ -130,7 +115,7 @@ def craft_mi_ue(
     eps: float,
     seed: int,
     progress: Progress | None = None,
-    resume_path: str | Path | None = None,
+    resume_path: Path | None = None,
     surrogate: str = "lenet5",
     rounds: int = 10,
     noise_steps: int = 10,
@@ -157,14 +142,15 @@ def craft_mi_ue(
 
     seed_everything(seed)
     model = build_model(
-        surrogate, **arch_kwargs_for(surrogate, tuple(images.shape[1:]), num_classes)
+        surrogate,
+        **arch_kwargs_for(surrogate, images.shape[1:], num_classes),  # type: ignore[arg-type]
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(seed)
     # A uniform random start in the eps-ball (as sample-wise error-minimising noise starts).
-    start = (torch.rand(images.shape, generator=generator) * 2 - 1) * eps
-    noise = project(images, start, eps)
-    done, history = 0, []
+    random_start = (torch.rand(images.shape, generator=generator) * 2 - 1) * eps
+    noise = project(images, random_start, eps)
+    done, history = 0, []  # history: (intra, inter)-class cosine after each round
     settings = {
         "arch": surrogate,
         "rounds": rounds,

@@ -155,3 +155,10 @@ def test_mi_ue_needs_labels(pool):
         METHODS["mi-ue"](images, None, eps=EPS, seed=0)
     with pytest.raises(ValueError, match="eps must be in"):
         METHODS["mi-ue"](images, pool[1], eps=-0.1, seed=0)
+
+
+@pytest.mark.parametrize("name", ["uc", "mi-ue"])
+def test_an_unknown_option_is_refused_by_name(pool, name):
+    images, labels = pool
+    with pytest.raises(ValueError, match=rf"unknown {name} option\(s\) \['cluster'\]; known: \["):
+        METHODS[name](images, labels, eps=EPS, seed=0, cluster=3)
