@@ -45,6 +45,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.rows_file import read_rows  # noqa: E402
 from defenses.unlearnable import METHODS  # noqa: E402
 from defenses.unlearnable.surrogate import penultimate_features  # noqa: E402
 from mlcore.adversarial import PGD  # noqa: E402
@@ -436,12 +437,7 @@ def main() -> int:
     # Rows go to a JSON-lines file as each job finishes: a re-run with the same output skips
     # the jobs already there (as benchmarks/extraction_vs_queries.py does).
     progress_path = args.output.with_suffix(".rows.jsonl")
-    progress_path.parent.mkdir(parents=True, exist_ok=True)
-    rows = (
-        [json.loads(line) for line in progress_path.read_text().splitlines()]
-        if progress_path.exists()
-        else []
-    )
+    rows = read_rows(progress_path)
     done = {(r["method"], r["eps"], r["seed"], r["epochs"], r["row"]) for r in rows}
 
     def finished(job: dict[str, Any]) -> bool:
