@@ -158,14 +158,20 @@ def augment(
 
 
 def jpeg(images: torch.Tensor, *, quality: int) -> torch.Tensor:
-    """Round-trip every image through JPEG at ``quality`` (torchvision's codec)."""
-    from torchvision.io import decode_jpeg, encode_jpeg
+    """Round-trip every image through JPEG at ``quality`` (Pillow's codec)."""
+    import io
 
-    as_bytes = (images * 255).round().to(torch.uint8)
-    return (
-        torch.stack([decode_jpeg(encode_jpeg(im, quality=quality)) for im in as_bytes]).float()
-        / 255
-    )
+    from PIL import Image
+
+    squeezed = []
+    for image in (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(
+            buffer, format="JPEG", quality=quality
+        )
+        decoded = np.asarray(Image.open(buffer)).reshape(image.shape)
+        squeezed.append(torch.from_numpy(decoded.copy()).permute(2, 0, 1))
+    return torch.stack(squeezed).float() / 255
 
 
 def pseudo_label_accuracy(
