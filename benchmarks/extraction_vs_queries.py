@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from attacker.extraction import train_substitute  # noqa: E402
 from attacker.oracle import LocalOracle  # noqa: E402
 from attacker.semi_supervised import train_semi_supervised  # noqa: E402
+from benchmarks.rows_file import read_rows  # noqa: E402
 from benchmarks.strategies import Strategy, discover  # noqa: E402
 from mlcore.checkpoints import load_checkpoint  # noqa: E402
 from mlcore.datasets import balanced_subset_indices, load_dataset  # noqa: E402
@@ -265,12 +266,7 @@ def main() -> int:
     # Every finished job's rows are appended to a JSON-lines file at once, so an interrupted run
     # loses nothing: the next run with the same output skips what is already there.
     progress_path = args.output.with_suffix(".rows.jsonl")
-    progress_path.parent.mkdir(parents=True, exist_ok=True)
-    rows = (
-        [json.loads(line) for line in progress_path.read_text().splitlines()]
-        if progress_path.exists()
-        else []
-    )
+    rows = read_rows(progress_path)
     done = {(r["setting"], r["strategy"], r["k"], r["seed"], r["epochs"]) for r in rows}
     todo = seed_major([j for j in jobs if not set(expected_rows(j)) <= done])
     if args.report_only:

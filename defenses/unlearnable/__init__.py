@@ -11,13 +11,17 @@ from defenses.unlearnable.base import (
     check_eps,
     project,
 )
+from defenses.unlearnable.clusters import unlearnable_clusters
 from defenses.unlearnable.error_minimising import protect_classwise, protect_samplewise
+from defenses.unlearnable.mi_ue import mi_ue
 from defenses.unlearnable.random_noise import protect_random
 
 METHODS: dict[str, Method] = {
     "em-classwise": protect_classwise,
     "em-samplewise": protect_samplewise,
     "random": protect_random,
+    "mi-ue": mi_ue,
+    "uc": unlearnable_clusters,
 }
 
 __all__ = ["METHODS", "Method", "ProtectionResult", "UnlearnableError", "check_eps", "project"]

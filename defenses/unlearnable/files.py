@@ -15,16 +15,18 @@ from defenses.unlearnable.base import ProtectionResult
 
 def save_protected(path: Path, result: ProtectionResult) -> Path:
     """``images`` float32 (n, C, H, W) in [0, 1] and ``labels`` int64 (the upload format), plus
-    ``noise`` (float32, protected - clean) and ``info`` (a JSON string; read without pickle)."""
+    ``noise`` (float32, protected - clean) and ``info`` (a JSON string; read without pickle).
+    A label-agnostic run on a pool without labels writes no ``labels`` (an attacker's pool)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "images": result.images.detach().clamp(0, 1).numpy().astype(np.float32),
+        "noise": result.noise.detach().numpy().astype(np.float32),
+        "info": np.array(json.dumps(result.info, sort_keys=True)),
+    }
+    if result.labels is not None:
+        arrays["labels"] = result.labels.numpy().astype(np.int64)
     with path.open("wb") as handle:
-        np.savez_compressed(
-            handle,
-            images=result.images.detach().clamp(0, 1).numpy().astype(np.float32),
-            labels=result.labels.numpy().astype(np.int64),
-            noise=result.noise.detach().numpy().astype(np.float32),
-            info=np.array(json.dumps(result.info, sort_keys=True)),
-        )
+        np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
     return path
 
 

@@ -24,6 +24,8 @@ EPS = 16 / 255
 FAST_OPTIONS: dict[str, dict[str, Any]] = {
     "em-classwise": {"max_rounds": 2, "train_steps": 2, "pgd_steps": 2},
     "em-samplewise": {"max_rounds": 2, "train_steps": 2, "pgd_steps": 2},
+    "mi-ue": {"rounds": 2, "noise_steps": 2},
+    "uc": {"clusters": 4, "surrogate_epochs": 1, "steps": 5},
 }
 CLASSWISE = ("em-classwise", "random")
 

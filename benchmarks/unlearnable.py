@@ -1,0 +1,491 @@
+"""Unlearnable examples against the range's trainers (issue 12, rows 2, 4, 5 and 7).
+
+A data owner protects its images with each registered method (``defenses.unlearnable.METHODS``)
+at each eps; for each seed we then measure, on the clean test set:
+
+- row 2: the clean test accuracy of a linear model, DNN5, LeNet-5, C3F2 (and ResNet-18 with
+  ``--archs``) trained on the protected images with their true labels (MI-UE's Fig. 2 depth curve);
+- row 4: the label-agnostic trainer: K-means pseudo-labels (5 or 20 classes, UC's Fig. 4a) on the
+  protected pixels, a LeNet-5 trained on them, each pseudo-class read as the true class most of its
+  training members have (the most a trainer could make of them);
+- row 5: the trainer's countermeasures with LeNet-5 (UC Table 3): Gaussian noise, Cutout, Mixup,
+  CutMix, JPEG compression, PGD adversarial training;
+- row 7: MI-UE's thesis: the mutual information between the clean and the protected images'
+  penultimate features of a LeNet-5 trained on the clean images (a histogram estimator per
+  feature, averaged over features) against the accuracy drop.
+
+The clean baseline (method ``clean``) runs in the same run. Rows 3 (the training-jobs API) and 6
+(model stealing from a protected pool) are not measured by this script yet.
+
+    python benchmarks/unlearnable.py --quick                      # embedded split, a smoke run
+    python benchmarks/unlearnable.py --rows 4 5 --seeds 2 --eps 32/255   # the trainer's side
+    python benchmarks/unlearnable.py --data-root ../shared/data   # full MNIST, 10,000 protected
+
+Writes results/unlearnable.json (rows resumable: results/unlearnable.rows.jsonl) and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.rows_file import read_rows  # noqa: E402
+from defenses.unlearnable import METHODS  # noqa: E402
+from defenses.unlearnable.surrogate import penultimate_features  # noqa: E402
+from mlcore.adversarial import PGD  # noqa: E402
+from mlcore.architectures import arch_kwargs_for, build_model  # noqa: E402
+from mlcore.datasets import balanced_subset_indices, load_dataset  # noqa: E402
+from mlcore.training import accuracy, fit, predict_labels, seed_everything  # noqa: E402
+
+# Published figures (issue 12): UC Table 1 (Pets, ResNet-18), UC Table 3 (countermeasures against
+# UC on Pets), error-minimising noise on CIFAR-10 (Huang et al.), and the issue's own quick MNIST
+# run (10,000 images, LeNet-5, 10 epochs, 32/255) that this benchmark sets out to improve on.
+PAPER = {
+    "UC, Pets, ResNet-18 (UC Table 1)": {"clean": 0.6231, "uc": 0.1221},
+    "UC against countermeasures, Pets (UC Table 3)": {
+        "none": 0.1221, "mixup": 0.1434, "gaussian": 0.2426, "cutmix": 0.1450, "cutout": 0.1235,
+    },
+    "error-minimising, CIFAR-10 (Huang et al.)": {"em-samplewise": 0.20, "em-classwise": 0.16},
+    "issue 12's quick MNIST run, LeNet-5, 32/255": {
+        "em-classwise": 0.65, "em-samplewise": 0.94, "naive cluster-wise": 0.98, "random": 0.975,
+        "em-classwise, target's labels": 0.89, "em-classwise, PGD adversarial training": 0.97,
+    },
+}  # fmt: skip
+
+ARCHS = ("linear", "dnn5", "lenet5", "c3f2")
+COUNTERMEASURES = ("gaussian", "cutout", "mixup", "cutmix", "jpeg", "pgd-at")
+PSEUDO_CLASSES = (5, 20)
+ROWS = (2, 4, 5, 7)
+
+
+def parse_eps(text: str) -> float:
+    """'32/255' or '0.125' -> float."""
+    return float(Fraction(text))
+
+
+def build_victim(arch: str, shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The trainer's model; 'linear' is one linear layer on the pixels (MI-UE Fig. 2's first)."""
+    if arch == "linear":
+        return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(shape)), num_classes))
+    return build_model(arch, **arch_kwargs_for(arch, shape, num_classes))  # type: ignore[arg-type]
+
+
+def train_victim(
+    arch: str,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    seed: int,
+    num_classes: int = 10,
+    countermeasure: str | None = None,
+    at_eps: float = 32 / 255,
+) -> nn.Module:
+    """Adam 1e-3, batch 64 (mlcore's loop when there is no countermeasure); a countermeasure
+    transforms each batch (JPEG transforms the data set once)."""
+    seed_everything(seed)
+    model = build_victim(arch, tuple(images.shape[1:]), num_classes)
+    if countermeasure == "jpeg":
+        images = jpeg(images, quality=10)
+    if countermeasure in (None, "jpeg"):
+        return fit(model, images, labels, epochs=epochs, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    targets = F.one_hot(labels.long(), num_classes).float()
+    attack = PGD(eps=at_eps, steps=5, seed=seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(order), 64):
+            batch = order[start : start + 64]
+            x, y = images[batch], targets[batch]
+            if countermeasure == "pgd-at":
+                x = attack(model.eval(), x, labels=labels[batch])
+            else:
+                x, y = augment(countermeasure, x, y, generator)
+            model.train()
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def augment(
+    kind: str | None, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of Gaussian noise (sigma 0.1), Cutout (8x8), Mixup or CutMix (alpha 1)."""
+    n, _, height, width = x.shape
+    if kind == "gaussian":
+        return (x + 0.1 * torch.randn(x.shape, generator=generator)).clamp(0, 1), y
+    if kind == "cutout":
+        x = x.clone()
+        for i in range(n):
+            top, left = (
+                int(v) for v in torch.randint(0, height - 8 + 1, (2,), generator=generator)
+            )
+            x[i, :, top : top + 8, left : left + 8] = 0
+        return x, y
+    lam = float(torch.distributions.Beta(1.0, 1.0).sample()) if kind in ("mixup", "cutmix") else 1
+    partner = torch.randperm(n, generator=generator)
+    if kind == "mixup":
+        return lam * x + (1 - lam) * x[partner], lam * y + (1 - lam) * y[partner]
+    if kind == "cutmix":
+        cut_h, cut_w = int(height * (1 - lam) ** 0.5), int(width * (1 - lam) ** 0.5)
+        top = int(torch.randint(0, height - cut_h + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - cut_w + 1, (1,), generator=generator))
+        x = x.clone()
+        x[:, :, top : top + cut_h, left : left + cut_w] = x[
+            partner, :, top : top + cut_h, left : left + cut_w
+        ]
+        kept = 1 - cut_h * cut_w / (height * width)
+        return x, kept * y + (1 - kept) * y[partner]
+    raise ValueError(f"countermeasure must be one of {COUNTERMEASURES}, got {kind!r}")
+
+
+def jpeg(images: torch.Tensor, *, quality: int) -> torch.Tensor:
+    """Round-trip every image through JPEG at ``quality`` (Pillow's codec)."""
+    import io
+
+    from PIL import Image
+
+    squeezed = []
+    for image in (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(
+            buffer, format="JPEG", quality=quality
+        )
+        decoded = np.asarray(Image.open(buffer)).reshape(image.shape)
+        squeezed.append(torch.from_numpy(decoded.copy()).permute(2, 0, 1))
+    return torch.stack(squeezed).float() / 255
+
+
+def pseudo_label_accuracy(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    classes: int,
+    epochs: int,
+    seed: int,
+) -> float:
+    """Row 4: K-means pseudo-labels on the pixels, LeNet-5 trained on them, each pseudo-class
+    read as its members' majority true class."""
+    from sklearn.cluster import KMeans
+
+    pseudo = KMeans(n_clusters=classes, n_init=3, random_state=seed).fit_predict(
+        images.flatten(1).numpy()
+    )
+    pseudo_labels = torch.from_numpy(pseudo.astype("int64"))
+    model = train_victim(
+        "lenet5", images, pseudo_labels, epochs=epochs, seed=seed, num_classes=classes
+    )
+    majority = torch.tensor(
+        [
+            int(torch.mode(labels[pseudo_labels == c]).values) if (pseudo_labels == c).any() else 0
+            for c in range(classes)
+        ]
+    )
+    return (majority[predict_labels(model, test_images)] == test_labels).float().mean().item()
+
+
+def feature_mutual_information(
+    clean: torch.Tensor, protected: torch.Tensor, *, bins: int = 20
+) -> float:
+    """Row 7: histogram MI (nats) between each clean feature and the same feature of the
+    protected image, averaged over the features that vary; bin edges are the clean feature's
+    quantiles (scikit-learn's ``mutual_info_score`` on the binned values)."""
+    from sklearn.metrics import mutual_info_score
+
+    values = []
+    for j in range(clean.shape[1]):
+        a, b = clean[:, j].numpy(), protected[:, j].numpy()
+        edges = np.unique(np.quantile(a, np.linspace(0, 1, bins + 1)[1:-1]))
+        if len(edges) == 0:
+            continue  # a dead unit carries no information either way
+        values.append(mutual_info_score(np.digitize(a, edges), np.digitize(b, edges)))
+    return float(np.mean(values)) if values else 0.0
+
+
+def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Protect once, then measure every requested row on the protected set (in a worker)."""
+    torch.set_num_threads(1)
+    data, _ = load_data(job["data_root"], job["size"])
+    method, eps, seed, epochs = job["method"], job["eps"], job["seed"], job["epochs"]
+    images, labels = data["images"], data["labels"]
+    test_images, test_labels = data["test_images"], data["test_labels"]
+    started = time.perf_counter()
+    info: dict[str, Any] = {}
+    if method == "clean":
+        protected = images
+    else:
+        options = dict(job["options"].get(method, {}))
+        result = METHODS[method](images, labels, eps=parse_eps(eps), seed=seed, **options)
+        protected, info = result.images, result.info
+    craft_seconds = round(time.perf_counter() - started, 1)
+    base = {"method": method, "eps": eps, "seed": seed, "epochs": epochs}
+    rows: list[dict[str, Any]] = []
+
+    def add(row: int, variant: str, value: float, **extra: Any) -> None:
+        rows.append({**base, "row": row, "variant": variant, "value": value, **extra})
+        print(f"  {method} {eps} seed {seed} row {row} {variant}: {value:.4f}", flush=True)
+
+    lenet_accuracy = None
+    if 2 in job["rows"] or 7 in job["rows"]:
+        for arch in job["archs"] if 2 in job["rows"] else ["lenet5"]:
+            model = train_victim(arch, protected, labels, epochs=epochs, seed=seed)
+            value = accuracy(model, test_images, test_labels)
+            lenet_accuracy = value if arch == "lenet5" else lenet_accuracy
+            if 2 in job["rows"]:
+                add(2, arch, value, craft_seconds=craft_seconds, info=_short(info))
+    if 4 in job["rows"]:
+        for classes in PSEUDO_CLASSES:
+            value = pseudo_label_accuracy(
+                protected, labels, test_images, test_labels,
+                classes=classes, epochs=epochs, seed=seed,
+            )  # fmt: skip
+            add(4, f"kmeans-{classes}", value)
+    if 5 in job["rows"]:
+        at_eps = parse_eps(eps) if method != "clean" else max(map(parse_eps, job["all_eps"]))
+        for countermeasure in COUNTERMEASURES:
+            model = train_victim(
+                "lenet5", protected, labels, epochs=epochs, seed=seed,
+                countermeasure=countermeasure, at_eps=at_eps,
+            )  # fmt: skip
+            add(5, countermeasure, accuracy(model, test_images, test_labels))
+    if 7 in job["rows"]:
+        reference = train_victim("lenet5", images, labels, epochs=epochs, seed=seed)
+        mi = feature_mutual_information(
+            penultimate_features(reference, images), penultimate_features(reference, protected)
+        )
+        add(7, "feature-mi", mi, lenet5_accuracy=lenet_accuracy)
+    return rows
+
+
+def _short(info: dict[str, Any]) -> dict[str, Any]:
+    """The method's facts without per-image lists (cluster ids), for the rows file."""
+    return {key: value for key, value in info.items() if key != "clusters"}
+
+
+@functools.lru_cache(maxsize=1)
+def load_data(data_root: Path | None, size: int) -> tuple[dict[str, torch.Tensor], str]:
+    """Full MNIST when a data root holds it (a seeded, balanced ``size``-image subset of the
+    training set is protected), the embedded split otherwise (its 1,500-image pool)."""
+    if data_root is not None and (data_root / "mnist").is_dir():
+        train = load_dataset("mnist:train", data_root=data_root)
+        train = train.subset(balanced_subset_indices(train.labels, size, seed=0))
+        test = load_dataset("mnist:test", data_root=data_root)
+        source = f"mnist:train (balanced {size}-image subset) / mnist:test"
+    else:
+        train, test = load_dataset("mnist-embedded:pool"), load_dataset("mnist-embedded:test")
+        source = "mnist-embedded:pool / mnist-embedded:test"
+    data = {
+        "images": train.as_float(),
+        "labels": train.labels,
+        "test_images": test.as_float(),
+        "test_labels": test.labels,
+    }
+    return data, source
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        groups.setdefault((row["row"], row["method"], row["eps"], row["variant"]), []).append(
+            row["value"]
+        )
+    return [
+        {
+            "row": row, "method": method, "eps": eps, "variant": variant, "seeds": len(values),
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values),
+        }
+        for (row, method, eps, variant), values in sorted(groups.items(), key=lambda kv: str(kv[0]))
+    ]  # fmt: skip
+
+
+def first_eps_below(summary: list[dict[str, Any]], level: float) -> dict[str, str | None]:
+    """Per method, the smallest eps at which LeNet-5 (row 2) falls under ``level`` on average."""
+    found: dict[str, str | None] = {}
+    for entry in sorted(summary, key=lambda e: parse_eps(e["eps"]) if e["eps"] != "-" else 0):
+        if entry["row"] != 2 or entry["variant"] != "lenet5" or entry["method"] == "clean":
+            continue
+        found.setdefault(entry["method"], None)
+        if found[entry["method"]] is None and entry["mean"] < level:
+            found[entry["method"]] = entry["eps"]
+    return found
+
+
+def to_markdown(summary: list[dict[str, Any]], source: str) -> str:
+    def cell(entry: dict[str, Any] | None, percent: bool = True) -> str:
+        if entry is None:
+            return ""
+        scale, unit = (100, "%") if percent else (1, "")
+        return f"{entry['mean'] * scale:.1f}{unit} ± {entry['std'] * scale:.1f} ({entry['seeds']})"
+
+    index = {(e["row"], e["method"], e["eps"], e["variant"]): e for e in summary}
+    settings = list(dict.fromkeys((e["method"], e["eps"]) for e in summary))
+    lines = [f"Data: {source}. Mean ± std over seeds (number of seeds in brackets).", ""]
+    for row, title, variants in (
+        (2, "Row 2: clean test accuracy of a trainer on the protected data", None),
+        (4, "Row 4: K-means pseudo-labels (LeNet-5), clean test accuracy", None),
+        (5, "Row 5: countermeasures (LeNet-5), clean test accuracy", None),
+    ):
+        present = variants or list(dict.fromkeys(e["variant"] for e in summary if e["row"] == row))
+        if not present:
+            continue
+        head = ["method", "eps", *present]
+        if row == 5:
+            head.insert(2, "none")
+        lines += [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method, eps in settings:
+            cells = [cell(index.get((row, method, eps, v))) for v in present]
+            if row == 5:
+                cells.insert(0, cell(index.get((2, method, eps, "lenet5"))))
+            if any(cells):
+                lines.append("| " + " | ".join([method, eps, *cells]) + " |")
+        lines.append("")
+    if any(e["row"] == 7 for e in summary):
+        clean_acc = index.get((2, "clean", "-", "lenet5"))
+        lines += [
+            "**Row 7: MI between clean and protected penultimate features (LeNet-5 trained on "
+            "clean data; histogram, nats per feature) against the LeNet-5 accuracy drop**",
+            "",
+            "| method | eps | feature MI | LeNet-5 accuracy drop |",
+            "|---|---|---|---|",
+        ]
+        for method, eps in settings:
+            mi = index.get((7, method, eps, "feature-mi"))
+            acc = index.get((2, method, eps, "lenet5"))
+            drop = (
+                f"{(clean_acc['mean'] - acc['mean']) * 100:.1f} points"
+                if clean_acc is not None and acc is not None
+                else ""
+            )
+            if mi is not None:
+                lines.append(f"| {method} | {eps} | {cell(mi, percent=False)} | {drop} |")
+        lines.append("")
+    for level in (0.5, 0.2):
+        below = first_eps_below(summary, level)
+        if below:
+            text = ", ".join(f"{m}: {e or 'not at any eps run'}" for m, e in below.items())
+            lines.append(f"First eps with LeNet-5 under {level:.0%}: {text}.")
+    lines += ["", "**Published figures (not this data set)**", ""]
+    for title, figures in PAPER.items():
+        lines.append(f"- {title}: " + ", ".join(f"{k} {v * 100:.2f}%" for k, v in figures.items()))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Unlearnable examples (issue 12, rows 2 4 5 7).")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--eps", nargs="+", default=["8/255", "16/255", "32/255", "64/255"])
+    parser.add_argument("--methods", nargs="+", default=None, help="default: every registered")
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS), help="row 2; add resnet18")
+    parser.add_argument("--rows", nargs="+", type=int, default=list(ROWS), choices=ROWS)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--size", type=int, default=10_000, help="protected images (full MNIST)")
+    parser.add_argument(
+        "--uc-surrogate", default="digits-embedded:pool",
+        help="dataset spec the UC surrogate is trained on (another source than the images)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="a smoke run: embedded split, 32/255, 2 seeds, rows 2 and 7, linear and LeNet-5",
+    )  # fmt: skip
+    parser.add_argument("--data-root", type=Path, default=None)
+    parser.add_argument("--workers", type=int, default=1, help="jobs run in parallel processes")
+    parser.add_argument("--output", type=Path, default=ROOT / "results" / "unlearnable.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.eps, args.data_root = 2, ["32/255"], None
+        args.rows, args.archs = [2, 7], ["linear", "lenet5"]
+        if args.output == parser.get_default("output"):
+            args.output = ROOT / "results" / "unlearnable_quick.json"
+    methods = args.methods or list(METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown --methods {unknown}; known: {sorted(METHODS)}")
+    for text in args.eps:
+        try:
+            parse_eps(text)
+        except (ValueError, ZeroDivisionError):
+            parser.error(f"--eps must be numbers like 32/255 or 0.125, got {text!r}")
+    started = time.perf_counter()
+    _data, source = load_data(args.data_root, args.size)
+    options = {"uc": {"surrogate": args.uc_surrogate, "data_root": args.data_root}}
+    common = {"epochs": args.epochs, "rows": args.rows, "archs": args.archs, "options": options,
+              "all_eps": args.eps, "data_root": args.data_root, "size": args.size}  # fmt: skip
+    jobs = [{"method": "clean", "eps": "-", "seed": seed, **common} for seed in range(args.seeds)]
+    jobs += [
+        {"method": method, "eps": eps, "seed": seed, **common}
+        for seed in range(args.seeds)
+        for eps in args.eps
+        for method in methods
+    ]
+
+    # Rows go to a JSON-lines file as each job finishes: a re-run with the same output skips
+    # the jobs already there (as benchmarks/extraction_vs_queries.py does).
+    progress_path = args.output.with_suffix(".rows.jsonl")
+    rows = read_rows(progress_path)
+    done = {(r["method"], r["eps"], r["seed"], r["epochs"], r["row"]) for r in rows}
+
+    def finished(job: dict[str, Any]) -> bool:
+        return all(
+            (job["method"], job["eps"], job["seed"], job["epochs"], row) in done
+            for row in job["rows"]
+        )
+
+    todo = [job for job in jobs if not finished(job)]
+    print(f"data: {source}; {len(jobs) - len(todo)} jobs done before, {len(todo)} to go")
+    with ProcessPoolExecutor(args.workers) as pool, progress_path.open("a") as sink:
+        for i, job_rows in enumerate(pool.map(run_job, todo), 1):
+            print(f"[{i}/{len(todo)} jobs done]", flush=True)
+            for row in job_rows:
+                rows.append(row)
+                sink.write(json.dumps(row) + "\n")
+            sink.flush()
+    wanted = {(j["method"], j["eps"], j["seed"], j["epochs"], r) for j in jobs for r in j["rows"]}
+    rows = [r for r in rows if (r["method"], r["eps"], r["seed"], r["epochs"], r["row"]) in wanted]
+    rows = [r for r in rows if r["row"] != 2 or r["variant"] in args.archs]
+    summary = summarise(rows)
+    report = {
+        "benchmark": "unlearnable",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "data": source,
+        "settings": {"seeds": args.seeds, "eps": args.eps, "methods": methods, "archs": args.archs,
+                     "rows": args.rows, "epochs": args.epochs, "uc_surrogate": args.uc_surrogate},
+        "summary": summary,
+        "first_eps_under_50": first_eps_below(summary, 0.5),
+        "first_eps_under_20": first_eps_below(summary, 0.2),
+        "rows": rows,
+        "paper": PAPER,
+        "seconds": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    markdown = to_markdown(summary, source)
+    args.output.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {args.output} in {report['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
