@@ -94,7 +94,11 @@ def test_a_database_restart_under_load_fails_requests_with_503_and_charges_nothi
     sender.start()
     assert answered.wait(timeout=120), "the service answered too few requests before the restart"
     own_postgres.stop()
-    time.sleep(1.0)  # requests keep coming while the database is down
+    # The database stays down until a request has met it (the pool waits up to its timeout
+    # for a connection, so a short outage can pass unseen): then it comes back.
+    deadline = time.monotonic() + 60
+    while not any(status == 503 for status, _ in statuses) and time.monotonic() < deadline:
+        time.sleep(0.1)
     own_postgres.start()
     restarted.set()
     sender.join(timeout=300)
