@@ -330,11 +330,13 @@ def detect(
 @app.command("create-client")
 def create_client(
     name: Annotated[str, typer.Option(help="The client's name (printable text).")],
-    budget: Annotated[int, typer.Option(min=0, help="Queries it may buy.")],
+    budget: Annotated[int, typer.Option(min=0, max=10**12, help="Queries it may buy.")],
     org: Annotated[
         str | None, typer.Option(help="Its organisation (cross-client detection groups).")
     ] = None,
-    training_quota: Annotated[int, typer.Option(min=0, help="Image-epochs of training.")] = 0,
+    training_quota: Annotated[
+        int, typer.Option(min=0, max=10**15, help="Image-epochs of training.")
+    ] = 0,
     state_dir: Annotated[Path | None, typer.Option(help="Overrides TARGET_STATE_DIR.")] = None,
     database_url: Annotated[
         str | None, typer.Option(help="Overrides TARGET_DATABASE_URL (PostgreSQL).")

@@ -224,8 +224,23 @@ CREATE TABLE IF NOT EXISTS group_alarms (
     PRIMARY KEY (stream, model, detector)
 );
 """
-# (version, what it does, SQL): applied in order, each once, in one transaction at start.
-MIGRATIONS: list[tuple[int, str, str]] = [
+# PostgreSQL's INTEGER is 4 bytes, SQLite's 8: budgets, quotas, query counters and challenge seeds
+# the API accepts (up to 10**12 queries, 10**15 image-epochs, seeds below 2**32) need BIGINT there.
+WIDEN_COUNTERS = """
+ALTER TABLE clients ALTER COLUMN budget TYPE BIGINT, ALTER COLUMN used TYPE BIGINT;
+ALTER TABLE query_log ALTER COLUMN entry_id TYPE BIGINT;
+ALTER TABLE alarms ALTER COLUMN query_index TYPE BIGINT;
+ALTER TABLE input_screening ALTER COLUMN entry_id TYPE BIGINT;
+ALTER TABLE detector_errors ALTER COLUMN query_index TYPE BIGINT;
+ALTER TABLE training_quotas ALTER COLUMN quota TYPE BIGINT, ALTER COLUMN used TYPE BIGINT;
+ALTER TABLE training_ledger ALTER COLUMN image_epochs TYPE BIGINT;
+ALTER TABLE detection_leases ALTER COLUMN through_entry TYPE BIGINT;
+ALTER TABLE group_alarms ALTER COLUMN query_index TYPE BIGINT;
+ALTER TABLE membership_challenges ALTER COLUMN seed TYPE BIGINT;
+"""
+# (version, what it does, SQL or SQL per dialect): applied in order, each once, in one transaction
+# at start. A dialect missing from a per-dialect entry has nothing to do for that version.
+MIGRATIONS: list[tuple[int, str, str | dict[str, str]]] = [
     (
         1,
         "clients, ledger, idempotency, query log, alarms, training, datasets, challenges",
@@ -235,6 +250,11 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         2,
         "detection off the request path: client orgs, detection leases, group alarms",
         DETECTION_SCHEMA,
+    ),
+    (
+        3,
+        "64-bit budgets, quotas, query counters and challenge seeds",
+        {"postgresql": WIDEN_COUNTERS},
     ),
 ]
 
@@ -470,7 +490,10 @@ class SQLStore:
                 )
             for version, name, sql in MIGRATIONS:
                 if version not in applied:
-                    self._db.script(sql)
+                    if isinstance(sql, dict):
+                        sql = sql.get(self._db.dialect, "")
+                    if sql:
+                        self._db.script(sql)
                     self._db.execute(
                         "INSERT INTO schema_migrations VALUES (?,?,?)", (version, name, time.time())
                     )

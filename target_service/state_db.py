@@ -65,6 +65,7 @@ class Result:
 class Database(ABC):
     """One state database: ``execute``, ``transaction``, ``script`` (see the module docstring)."""
 
+    dialect: str  # "sqlite" or "postgresql": names a migration's SQL when the dialects differ
     types: Mapping[str, str]
     location: str  # for logs and messages: a file path, or a URL without its password
 
@@ -89,6 +90,7 @@ class Database(ABC):
 class SQLiteDatabase(Database):
     """A SQLite file in WAL mode, owner-only, one connection behind a re-entrant lock."""
 
+    dialect = "sqlite"
     types = SQLITE_TYPES
 
     def __init__(self, path: str | Path) -> None:
@@ -150,6 +152,7 @@ class SQLiteDatabase(Database):
 class PostgresDatabase(Database):
     """A PostgreSQL database through a connection pool of up to ``pool_size`` connections."""
 
+    dialect = "postgresql"
     types = POSTGRES_TYPES
     SCHEMA_LOCK = 0x6D6C6161  # advisory lock key of schema migrations ("mlaa")
 

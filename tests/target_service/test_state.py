@@ -137,6 +137,24 @@ def test_charge_refuses_a_batch_that_does_not_fit_whole(store: StateStore) -> No
     assert ledger(store, client.client_id) == [(None, 4), (None, 6)]
 
 
+def test_the_largest_budget_and_quota_the_api_accepts_fit_every_backend(
+    store: StateStore,
+) -> None:
+    """The API takes budgets up to 10**12, training quotas up to 10**15 and challenge seeds
+    below 2**32: more than PostgreSQL's 4-byte INTEGER holds (it once answered 500)."""
+    client, _ = store.create_client("whale", 10**12, training_quota=10**15)
+    assert charge(store, client.client_id, 3).response["queries_remaining"] == 10**12 - 3
+    assert store.get_client(client.client_id).budget == 10**12
+    assert store.training_usage(client.client_id) == (10**15, 0)
+    challenge = {
+        "challenge_id": "c-max-seed", "client_id": client.client_id, "model": "m", "n": 2,
+        "seed": 2**32 - 1, "members_from": "train", "non_members_from": "test",
+        "candidates": [], "created_at": 0.0,
+    }  # fmt: skip
+    store.add_membership_challenge(challenge)
+    assert store.get_membership_challenge("c-max-seed")["seed"] == 2**32 - 1
+
+
 def test_replay_returns_the_stored_answer_once_charged(store: StateStore) -> None:
     client, _ = store.create_client("alice", 10)
     other, _ = store.create_client("bob", 10)
