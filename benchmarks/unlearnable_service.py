@@ -79,6 +79,7 @@ def start_service(checkpoint_dir: Path, workdir: Path) -> LiveServer:
         log_path=workdir / "service.log",
         models=(TARGET,),
         env={"training_workers": 1, "calibration_clients": 0, "detectors": {TARGET: {}}},
+        startup_timeout=600,  # a loaded 2-core machine took 122 s to start it
     )
     return server.start()
 
