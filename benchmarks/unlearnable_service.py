@@ -90,10 +90,13 @@ def account_name(*parts: object) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "", "-".join(str(p).replace("/", "of") for p in parts))
 
 
-def as_dataset(name: str, images: torch.Tensor, labels: torch.Tensor) -> ImageDataset:
-    """Float images in [0, 1] as the uint8 dataset the wire and the attacker use."""
+def as_dataset(
+    name: str, images: torch.Tensor, labels: torch.Tensor, *, num_classes: int = 10
+) -> ImageDataset:
+    """Float images in [0, 1] as the uint8 dataset the wire and the attacker use (MNIST's 10
+    classes by default: a small test subset may not hold every class)."""
     pixels = images.clamp(0, 1).mul(255).round().to(torch.uint8)
-    return ImageDataset(name, pixels, labels.long(), int(labels.max()) + 1)
+    return ImageDataset(name, pixels, labels.long(), num_classes)
 
 
 def save_npz(path: Path, images: torch.Tensor, labels: torch.Tensor) -> Path:

@@ -23,6 +23,7 @@ from benchmarks.unlearnable_service import (
     training_api_rows,
 )
 from mlcore.client import ServiceClient, read_prediction
+from mlcore.datasets import balanced_subset_indices
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -43,7 +44,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     """100 balanced pool images as an upload-format npz, and 200 clean test images."""
     data, _ = load_data(None, 100)
     npz = save_npz(tmp_path_factory.mktemp("tiny") / "pool.npz", data["images"], data["labels"])
-    test = as_dataset("test", data["test_images"][:200], data["test_labels"][:200])
+    index = balanced_subset_indices(data["test_labels"], 200, seed=0)
+    test = as_dataset("test", data["test_images"][index], data["test_labels"][index])
     return npz, test
 
 
