@@ -190,9 +190,10 @@ def class_mutual_information(pool: ImageDataset) -> dict[int, tuple[np.ndarray, 
 
 def mean_within_class_mi(
     matrices: dict[int, tuple[np.ndarray, np.ndarray]], chosen: np.ndarray | None = None
-) -> float:
+) -> float | None:
     """The mean pairwise MI (nats) within each class, averaged over classes, of the whole pool
-    or of the ``chosen`` indices (classes with fewer than two chosen images are skipped)."""
+    or of the ``chosen`` indices (classes with fewer than two chosen images are skipped; None
+    when no class has two)."""
     means = []
     for members, matrix in matrices.values():
         keep = (
@@ -202,7 +203,7 @@ def mean_within_class_mi(
             continue
         block = matrix[np.ix_(keep, keep)]
         means.append(block.sum() / (len(keep) * (len(keep) - 1)))  # the diagonal is 0
-    return float(np.mean(means)) if means else float("nan")
+    return float(np.mean(means)) if means else None
 
 
 def stealing_rows(

@@ -103,7 +103,9 @@ def test_class_wise_noise_raises_drmi_mutual_information_within_a_class():
     clean_mi = class_mutual_information(as_dataset("clean", clean, pool.labels))
     protected_mi = class_mutual_information(as_dataset("protected", protected, pool.labels))
     before, after = mean_within_class_mi(clean_mi), mean_within_class_mi(protected_mi)
-    assert after > before + 0.1, (before, after)
+    assert before is not None and after is not None and after > before + 0.1, (before, after)
+    assert mean_within_class_mi(clean_mi, np.array([0, 1])) is not None  # both of class 0
+    assert mean_within_class_mi(clean_mi, np.array([0, 6])) is None  # one image per class
     chosen = np.flatnonzero(pool.labels.numpy() < 2)  # classes 0 and 1 only
     assert mean_within_class_mi(clean_mi, chosen) == pytest.approx(
         np.mean([m[np.ix_(range(6), range(6))].sum() / 30 for _, m in list(clean_mi.values())[:2]])

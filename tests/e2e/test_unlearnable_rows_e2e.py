@@ -74,10 +74,10 @@ def test_row6_pays_exactly_k_per_selection_and_writes_every_field(service: Servi
     target_labels = hosted_labels(service, service.open_account("row6-judge"), TARGET, test)
     rows = stealing_rows(
         service, key, npz, test, target_labels,
-        ks=[30, 10], selections=["random", "drmi"], epochs=1, transfer_seeds=2, seed=0,
+        ks=[40, 20], selections=["random", "drmi"], epochs=1, transfer_seeds=2, seed=0,
     )  # fmt: skip
     assert [(row["selection"], row["k"]) for row in rows] == [
-        ("random", 10), ("random", 30), ("drmi", 10), ("drmi", 30),
+        ("random", 20), ("random", 40), ("drmi", 20), ("drmi", 40),
     ]  # fmt: skip
     for row in rows:
         assert row["queries_paid"] == row["k"] and row["stopped_by"] is None, row
