@@ -1,4 +1,4 @@
-"""Unlearnable examples against the range's trainers (issue 12, rows 2, 4, 5 and 7).
+"""Unlearnable examples against the range's trainers and thieves (issue 12, rows 2 to 7).
 
 A data owner protects its images with each registered method (``defenses.unlearnable.METHODS``)
 at each eps; for each seed we then measure, on the clean test set:
@@ -12,27 +12,45 @@ at each eps; for each seed we then measure, on the clean test set:
   CutMix, JPEG compression, PGD adversarial training;
 - row 7: MI-UE's thesis: the mutual information between the clean and the protected images'
   penultimate features of a LeNet-5 trained on the clean images (a histogram estimator per
-  feature, averaged over features) against the accuracy drop.
+  feature, averaged over features) against the accuracy drop;
+- row 3 (UC Table 2 analog): a real ``target-service serve`` (``LiveServer``, a temporary state
+  folder); the protected set is uploaded through ``mlcore.client`` and LeNet-5 trained on it with
+  each ``--recipes`` recipe of the training-jobs API (its settings, the run's seed); the hosted
+  model's clean test accuracy, predicted over HTTP;
+- row 6: model stealing from a protected pool: the protected images are the attacker's pool; it
+  buys the labels of the clean target the same service hosts (``lenet5-mnist``) over HTTP for
+  k of them (``--steal-ks``; random and DRMI selection) and trains a LeNet-5 substitute; its
+  clean test accuracy and agreement with the target, the transferability of targeted PGD
+  examples (128/255) crafted on it (``transferability_all``, sent to the target over HTTP) and
+  the mean pairwise MI within each class (DRMI's Eq. 1) of the pool and of the selected set.
+  (``benchmarks/unlearnable_service.py`` holds rows 3 and 6.)
 
-The clean baseline (method ``clean``) runs in the same run. Rows 3 (the training-jobs API) and 6
-(model stealing from a protected pool) are not measured by this script yet.
+The clean baseline (method ``clean``) runs in the same run; the same protected images serve every
+row of a (method, eps, seed). Explicit options win over ``--quick``'s.
 
     python benchmarks/unlearnable.py --quick                      # embedded split, a smoke run
     python benchmarks/unlearnable.py --rows 4 5 --seeds 2 --eps 32/255   # the trainer's side
+    python benchmarks/unlearnable.py --quick --rows 3 6 --size 300 --seeds 1 --steal-ks 100 300
     python benchmarks/unlearnable.py --data-root ../shared/data   # full MNIST, 10,000 protected
 
-Writes results/unlearnable.json (rows resumable: results/unlearnable.rows.jsonl) and .md.
+Writes results/unlearnable.json (rows resumable: results/unlearnable.rows.jsonl) and .md. A job
+counts as done per (method, eps, seed, epochs, row): re-running with other ``--recipes`` or
+``--steal-ks`` needs another ``--output``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -46,6 +64,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.rows_file import read_rows  # noqa: E402
+from benchmarks.unlearnable_service import (  # noqa: E402
+    RECIPE_NAMES,
+    SELECTIONS,
+    STEAL_KS,
+    TARGET,
+    Service,
+    account_name,
+    as_dataset,
+    cap_ks,
+    check_ks,
+    hosted_labels,
+    save_npz,
+    start_service,
+    stealing_rows,
+    training_api_rows,
+)
 from defenses.unlearnable import METHODS  # noqa: E402
 from defenses.unlearnable.surrogate import penultimate_features  # noqa: E402
 from mlcore.adversarial import PGD  # noqa: E402
@@ -71,7 +105,9 @@ PAPER = {
 ARCHS = ("linear", "dnn5", "lenet5", "c3f2")
 COUNTERMEASURES = ("gaussian", "cutout", "mixup", "cutmix", "jpeg", "pgd-at")
 PSEUDO_CLASSES = (5, 20)
-ROWS = (2, 4, 5, 7)
+ROWS = (2, 3, 4, 5, 6, 7)
+# Row 6's fields averaged over seeds beside its value (the substitute's accuracy).
+STEALING_FIELDS = ("agreement", "transferability_all", "selected_mi", "pool_mi")
 
 
 def parse_eps(text: str) -> float:
@@ -274,6 +310,26 @@ def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
             penultimate_features(reference, images), penultimate_features(reference, protected)
         )
         add(7, "feature-mi", mi, lenet5_accuracy=lenet_accuracy)
+    if 3 in job["rows"] or 6 in job["rows"]:
+        service = Service(**job["service"])
+        test = as_dataset("test", test_images, test_labels)
+        with tempfile.TemporaryDirectory(prefix="unlearnable-") as folder:
+            npz = save_npz(Path(folder) / "protected.npz", protected, labels)
+            name = account_name(method, eps, seed)
+            if 3 in job["rows"]:
+                owner = service.open_account(f"{name}-owner")
+                for found in training_api_rows(
+                    service, owner, npz, test, recipes=job["recipes"], seed=seed, name=name
+                ):
+                    add(3, found.pop("variant"), found.pop("value"), **found)
+            if 6 in job["rows"]:
+                thief = service.open_account(f"{name}-thief")
+                for found in stealing_rows(
+                    service, thief, npz, test, np.asarray(job["target_test_labels"]),
+                    ks=job["steal_ks"], selections=list(SELECTIONS), epochs=job["steal_epochs"],
+                    transfer_seeds=job["transfer_seeds"], seed=seed,
+                ):  # fmt: skip
+                    add(6, found.pop("variant"), found.pop("value"), **found)
     return rows
 
 
@@ -285,7 +341,8 @@ def _short(info: dict[str, Any]) -> dict[str, Any]:
 @functools.lru_cache(maxsize=1)
 def load_data(data_root: Path | None, size: int) -> tuple[dict[str, torch.Tensor], str]:
     """Full MNIST when a data root holds it (a seeded, balanced ``size``-image subset of the
-    training set is protected), the embedded split otherwise (its 1,500-image pool)."""
+    training set is protected), the embedded split otherwise (its 1,500-image pool, or a
+    balanced ``size``-image subset of it when ``size`` is smaller)."""
     if data_root is not None and (data_root / "mnist").is_dir():
         train = load_dataset("mnist:train", data_root=data_root)
         train = train.subset(balanced_subset_indices(train.labels, size, seed=0))
@@ -294,6 +351,9 @@ def load_data(data_root: Path | None, size: int) -> tuple[dict[str, torch.Tensor
     else:
         train, test = load_dataset("mnist-embedded:pool"), load_dataset("mnist-embedded:test")
         source = "mnist-embedded:pool / mnist-embedded:test"
+        if size < len(train):
+            train = train.subset(balanced_subset_indices(train.labels, size, seed=0))
+            source = f"mnist-embedded:pool (balanced {size}-image subset) / mnist-embedded:test"
     data = {
         "images": train.as_float(),
         "labels": train.labels,
@@ -304,20 +364,26 @@ def load_data(data_root: Path | None, size: int) -> tuple[dict[str, torch.Tensor
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    groups: dict[tuple, list[float]] = {}
+    """Mean, std, min and max of each (row, method, eps, variant)'s value over seeds; row 6's
+    entries also carry the means of ``STEALING_FIELDS``."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["row"], row["method"], row["eps"], row["variant"]), []).append(
-            row["value"]
-        )
-    return [
-        {
+        groups.setdefault((row["row"], row["method"], row["eps"], row["variant"]), []).append(row)
+    summary = []
+    for (row, method, eps, variant), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        values = [member["value"] for member in members]
+        entry = {
             "row": row, "method": method, "eps": eps, "variant": variant, "seeds": len(values),
             "mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values),
-        }
-        for (row, method, eps, variant), values in sorted(groups.items(), key=lambda kv: str(kv[0]))
-    ]  # fmt: skip
+        }  # fmt: skip
+        for field in STEALING_FIELDS:
+            found = [m[field] for m in members if m.get(field) is not None]
+            if found:
+                entry[field] = statistics.fmean(found)
+        summary.append(entry)
+    return summary
 
 
 def first_eps_below(summary: list[dict[str, Any]], level: float) -> dict[str, str | None]:
@@ -332,6 +398,12 @@ def first_eps_below(summary: list[dict[str, Any]], level: float) -> dict[str, st
     return found
 
 
+def _stealing_order(entry: dict[str, Any]) -> tuple:
+    """Row 6's entries by method, eps, selection and k as a number ('drmi k=300' < 'drmi k=1000')."""
+    selection, _, k = entry["variant"].partition(" k=")
+    return (entry["method"], entry["eps"], selection, int(k) if k.isdigit() else 0)
+
+
 def to_markdown(summary: list[dict[str, Any]], source: str) -> str:
     def cell(entry: dict[str, Any] | None, percent: bool = True) -> str:
         if entry is None:
@@ -344,6 +416,12 @@ def to_markdown(summary: list[dict[str, Any]], source: str) -> str:
     lines = [f"Data: {source}. Mean ± std over seeds (number of seeds in brackets).", ""]
     for row, title, variants in (
         (2, "Row 2: clean test accuracy of a trainer on the protected data", None),
+        (
+            3,
+            "Row 3: the training-jobs API (LeNet-5, per recipe), the hosted model's clean test "
+            "accuracy over HTTP",
+            None,
+        ),
         (4, "Row 4: K-means pseudo-labels (LeNet-5), clean test accuracy", None),
         (5, "Row 5: countermeasures (LeNet-5), clean test accuracy", None),
     ):
@@ -381,6 +459,31 @@ def to_markdown(summary: list[dict[str, Any]], source: str) -> str:
             if mi is not None:
                 lines.append(f"| {method} | {eps} | {cell(mi, percent=False)} | {drop} |")
         lines.append("")
+    if any(e["row"] == 6 for e in summary):
+        lines += [
+            f"**Row 6: model stealing from the protected pool (LeNet-5 substitute, labels bought "
+            f"from {TARGET} over HTTP); transferability of targeted PGD 128/255 examples crafted "
+            "on the substitute (`transferability_all`); mean pairwise MI within each class (nats) "
+            "of the selected set and of the pool**",
+            "",
+            "| method | eps | selection | substitute accuracy | agreement | transferability "
+            "| MI selected | MI pool |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for e in sorted(summary, key=_stealing_order):
+            if e["row"] == 6:
+                figures = [
+                    f"{e[field] * 100:.1f}%" if field in e else ""
+                    for field in ("agreement", "transferability_all")
+                ] + [
+                    f"{e[field]:.3f}" if field in e else "" for field in ("selected_mi", "pool_mi")
+                ]
+                lines.append(
+                    "| "
+                    + " | ".join([e["method"], e["eps"], e["variant"], cell(e), *figures])
+                    + " |"
+                )
+        lines.append("")
     for level in (0.5, 0.2):
         below = first_eps_below(summary, level)
         if below:
@@ -392,32 +495,82 @@ def to_markdown(summary: list[dict[str, Any]], source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+@contextlib.contextmanager
+def serving(checkpoint_dir: Path, data: dict[str, torch.Tensor]) -> Iterator[dict[str, Any]]:
+    """Rows 3 and 6: a service hosting the clean target for the whole run; yields what each job
+    needs of it (where it is, and the target's labels of the clean test split, bought over HTTP
+    once, for row 6's agreement)."""
+    from benchmarks.transferability import target_path
+
+    target_path(checkpoint_dir)  # trains the target there if it is missing
+    with tempfile.TemporaryDirectory(prefix="unlearnable-service-") as folder:
+        server = start_service(checkpoint_dir, Path(folder))
+        try:
+            service = Service(server.url, server.admin_token)
+            test = as_dataset("test", data["test_images"], data["test_labels"])
+            key = service.open_account("benchmark-measurer")
+            target_labels = hosted_labels(service, key, TARGET, test)
+            score = float((target_labels == test.labels.numpy()).mean())
+            print(f"service at {server.url}: {TARGET} scores {score:.2%} on the test split")
+            yield {"service": asdict(service), "target_test_labels": target_labels.tolist()}
+        finally:
+            server.stop()
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Unlearnable examples (issue 12, rows 2 4 5 7).")
+    parser = argparse.ArgumentParser(
+        description="Unlearnable examples (issue 12, rows 2 to 7; see the module docstring)."
+    )
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--eps", nargs="+", default=["8/255", "16/255", "32/255", "64/255"])
     parser.add_argument("--methods", nargs="+", default=None, help="default: every registered")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), help="row 2; add resnet18")
     parser.add_argument("--rows", nargs="+", type=int, default=list(ROWS), choices=ROWS)
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--size", type=int, default=10_000, help="protected images (full MNIST)")
+    parser.add_argument(
+        "--size", type=int, default=10_000,
+        help="protected images: a balanced subset of full MNIST, or of the embedded pool (1,500)",
+    )  # fmt: skip
     parser.add_argument(
         "--uc-surrogate", default="digits-embedded:pool",
         help="dataset spec the UC surrogate is trained on (another source than the images)",
     )  # fmt: skip
     parser.add_argument(
+        "--recipes", nargs="+", default=list(RECIPE_NAMES), choices=RECIPE_NAMES,
+        help="row 3: training-jobs API recipes",
+    )  # fmt: skip
+    parser.add_argument(
+        "--steal-ks", nargs="+", type=int, default=None,
+        help=f"row 6: labels bought per substitute (default {' '.join(map(str, STEAL_KS))}, "
+        "capped at the pool's size; a k given here above it is an error)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--steal-epochs", type=int, default=30, help="row 6: substitute epochs (batch 4)"
+    )
+    parser.add_argument(
+        "--transfer-seeds", type=int, default=100,
+        help="row 6: test images PGD starts from (9 targeted examples each, each sent over HTTP)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--checkpoint-dir", type=Path, default=ROOT / "checkpoints",
+        help=f"rows 3 and 6: where the service finds {TARGET}.pt (trained there if missing)",
+    )  # fmt: skip
+    parser.add_argument(
         "--quick", action="store_true",
-        help="a smoke run: embedded split, 32/255, 2 seeds, rows 2 and 7, linear and LeNet-5",
+        help="a smoke run: embedded split, 32/255, 2 seeds, rows 2 and 7, linear and LeNet-5 "
+        "(options given explicitly win)",
     )  # fmt: skip
     parser.add_argument("--data-root", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=1, help="jobs run in parallel processes")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "unlearnable.json")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.eps, args.data_root = 2, ["32/255"], None
-        args.rows, args.archs = [2, 7], ["linear", "lenet5"]
-        if args.output == parser.get_default("output"):
-            args.output = ROOT / "results" / "unlearnable_quick.json"
+        parser.set_defaults(
+            seeds=2, eps=["32/255"], rows=[2, 7], archs=["linear", "lenet5"],
+            output=ROOT / "results" / "unlearnable_quick.json",
+        )  # fmt: skip
+        args = parser.parse_args()
+        args.data_root = None
     methods = args.methods or list(METHODS)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -428,10 +581,22 @@ def main() -> int:
         except (ValueError, ZeroDivisionError):
             parser.error(f"--eps must be numbers like 32/255 or 0.125, got {text!r}")
     started = time.perf_counter()
-    _data, source = load_data(args.data_root, args.size)
+    data, source = load_data(args.data_root, args.size)
+    pool_size = len(data["labels"])
+    if args.steal_ks is None:
+        args.steal_ks, capped = cap_ks(list(STEAL_KS), pool_size)
+        if capped and 6 in args.rows:
+            print(capped)
+    else:
+        try:
+            args.steal_ks = check_ks(args.steal_ks, pool_size)
+        except ValueError as exc:
+            parser.error(str(exc))
     options = {"uc": {"surrogate": args.uc_surrogate, "data_root": args.data_root}}
     common = {"epochs": args.epochs, "rows": args.rows, "archs": args.archs, "options": options,
-              "all_eps": args.eps, "data_root": args.data_root, "size": args.size}  # fmt: skip
+              "all_eps": args.eps, "data_root": args.data_root, "size": args.size,
+              "recipes": args.recipes, "steal_ks": args.steal_ks,
+              "steal_epochs": args.steal_epochs, "transfer_seeds": args.transfer_seeds}  # fmt: skip
     jobs = [{"method": "clean", "eps": "-", "seed": seed, **common} for seed in range(args.seeds)]
     jobs += [
         {"method": method, "eps": eps, "seed": seed, **common}
@@ -454,7 +619,13 @@ def main() -> int:
 
     todo = [job for job in jobs if not finished(job)]
     print(f"data: {source}; {len(jobs) - len(todo)} jobs done before, {len(todo)} to go")
-    with ProcessPoolExecutor(args.workers) as pool, progress_path.open("a") as sink:
+    with contextlib.ExitStack() as stack:
+        if todo and {3, 6} & set(args.rows):
+            service = stack.enter_context(serving(args.checkpoint_dir, data))
+            for job in todo:
+                job.update(service)
+        pool = stack.enter_context(ProcessPoolExecutor(args.workers))
+        sink = stack.enter_context(progress_path.open("a"))
         for i, job_rows in enumerate(pool.map(run_job, todo), 1):
             print(f"[{i}/{len(todo)} jobs done]", flush=True)
             for row in job_rows:
@@ -464,13 +635,17 @@ def main() -> int:
     wanted = {(j["method"], j["eps"], j["seed"], j["epochs"], r) for j in jobs for r in j["rows"]}
     rows = [r for r in rows if (r["method"], r["eps"], r["seed"], r["epochs"], r["row"]) in wanted]
     rows = [r for r in rows if r["row"] != 2 or r["variant"] in args.archs]
+    rows = [r for r in rows if r["row"] != 3 or r["variant"] in args.recipes]
+    rows = [r for r in rows if r["row"] != 6 or r["k"] in args.steal_ks]
     summary = summarise(rows)
     report = {
         "benchmark": "unlearnable",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "data": source,
         "settings": {"seeds": args.seeds, "eps": args.eps, "methods": methods, "archs": args.archs,
-                     "rows": args.rows, "epochs": args.epochs, "uc_surrogate": args.uc_surrogate},
+                     "rows": args.rows, "epochs": args.epochs, "uc_surrogate": args.uc_surrogate,
+                     "recipes": args.recipes, "steal_ks": args.steal_ks,
+                     "steal_epochs": args.steal_epochs, "transfer_seeds": args.transfer_seeds},
         "summary": summary,
         "first_eps_under_50": first_eps_below(summary, 0.5),
         "first_eps_under_20": first_eps_below(summary, 0.2),

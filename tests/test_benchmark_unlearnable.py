@@ -1,12 +1,16 @@
 """benchmarks/unlearnable.py's measuring parts (issue 12): the feature-MI estimator tells paired
 features from unpaired ones, the countermeasures keep images in [0, 1] and soft labels summing
-to one, and the "first eps under a level" read-out picks the smallest eps."""
+to one, the "first eps under a level" read-out picks the smallest eps, row 6's budgets above the
+pool are refused (the defaults capped, with a message) and its within-class MI sees class-wise
+noise. Rows 3 and 6 against a real service: tests/e2e/test_unlearnable_rows_e2e.py."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from benchmarks import unlearnable
 from benchmarks.unlearnable import (
     augment,
     feature_mutual_information,
@@ -14,6 +18,14 @@ from benchmarks.unlearnable import (
     jpeg,
     parse_eps,
 )
+from benchmarks.unlearnable_service import (
+    as_dataset,
+    cap_ks,
+    check_ks,
+    class_mutual_information,
+    mean_within_class_mi,
+)
+from mlcore.datasets import balanced_subset_indices, load_dataset
 
 
 def test_feature_mi_is_high_for_the_same_features_and_low_for_shuffled_ones():
@@ -52,3 +64,49 @@ def test_first_eps_below_picks_the_smallest_eps_under_the_level():
     assert first_eps_below(summary, 0.2) == {"m": "64/255"}
     assert first_eps_below(summary, 0.05) == {"m": None}
     assert parse_eps("32/255") == pytest.approx(0.12549, abs=1e-5)
+
+
+def test_a_k_above_the_pool_is_refused_and_the_default_ks_are_capped():
+    with pytest.raises(ValueError, match=r"k must be in 1\.\.60 \(the pool's size\), got 61"):
+        check_ks([10, 61], 60)
+    with pytest.raises(ValueError, match="got 0"):
+        check_ks([0], 60)
+    assert check_ks([30, 10, 30], 60) == [10, 30]
+    kept, message = cap_ks([100, 300, 600, 1000, 1500], 300)
+    assert kept == [100, 300] and "capped at 300" in message and "[600, 1000, 1500]" in message
+    assert cap_ks([100, 300], 1500) == ([100, 300], None)
+    kept, message = cap_ks([100, 300, 600], 250)
+    assert kept == [100, 250] and message is not None
+
+
+def test_the_script_refuses_a_k_above_the_pool_before_running_anything(
+    monkeypatch, capsys, tmp_path
+):
+    argv = ["unlearnable.py", "--rows", "6", "--size", "50", "--steal-ks", "10", "51",
+            "--output", str(tmp_path / "out.json")]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as stopped:
+        unlearnable.main()
+    assert stopped.value.code == 2
+    assert "--steal-ks: k must be in 1..50 (the pool's size), got 51" in capsys.readouterr().err
+    assert not (tmp_path / "out.rows.jsonl").exists()
+
+
+def test_class_wise_noise_raises_drmi_mutual_information_within_a_class():
+    """A noise pattern shared by a class is information every pair of its images shares."""
+    pool = load_dataset("mnist-embedded:pool")
+    pool = pool.subset(balanced_subset_indices(pool.labels, 60, seed=0))
+    clean = pool.as_float()
+    generator = torch.Generator().manual_seed(0)
+    pattern = (torch.rand(10, 1, 28, 28, generator=generator) - 0.5) * (2 * 32 / 255)
+    protected = (clean + pattern[pool.labels]).clamp(0, 1)
+    clean_mi = class_mutual_information(as_dataset("clean", clean, pool.labels))
+    protected_mi = class_mutual_information(as_dataset("protected", protected, pool.labels))
+    before, after = mean_within_class_mi(clean_mi), mean_within_class_mi(protected_mi)
+    assert before is not None and after is not None and after > before + 0.1, (before, after)
+    assert mean_within_class_mi(clean_mi, np.array([0, 1])) is not None  # both of class 0
+    assert mean_within_class_mi(clean_mi, np.array([0, 6])) is None  # one image per class
+    chosen = np.flatnonzero(pool.labels.numpy() < 2)  # classes 0 and 1 only
+    assert mean_within_class_mi(clean_mi, chosen) == pytest.approx(
+        np.mean([m[np.ix_(range(6), range(6))].sum() / 30 for _, m in list(clean_mi.values())[:2]])
+    )
