@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import numpy as np
 import torch
 
@@ -36,7 +35,7 @@ from attacker.transfer.attacks import make_attack
 from mlcore.client import ServiceClient
 from mlcore.datasets import ImageDataset, load_dataset
 from mlcore.mutual_information import mutual_information_matrix
-from target_service.testing import LiveServer
+from target_service.testing import LiveServer, admin_create_client
 from target_service.training_jobs import RECIPES
 
 TARGET = "lenet5-mnist"  # the hosted target the attacker steals from (row 6)
@@ -56,17 +55,13 @@ class Service:
     url: str
     admin_token: str
 
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
     def open_account(self, name: str) -> str:
         """A new client with an unlimited budget and training quota; returns its API key."""
-        response = httpx2.post(
-            f"{self.url}/v1/admin/clients",
-            json={"name": name, "budget": BUDGET, "training_quota": BUDGET},
-            headers={"Authorization": f"Bearer {self.admin_token}"},
-            timeout=60.0,
-        )
-        if response.status_code != 201:
-            raise RuntimeError(f"creating account {name!r} failed: {response.text[:300]}")
-        return str(response.json()["api_key"])
+        return admin_create_client(self, name, BUDGET, training_quota=BUDGET)[1]
 
 
 def start_service(checkpoint_dir: Path, workdir: Path) -> LiveServer:

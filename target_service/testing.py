@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx2
 
@@ -256,11 +256,24 @@ class LiveServer(ServerProcess):
         return self
 
 
-def admin_create_client(server: LiveServer, name: str, budget: int) -> tuple[str, str]:
+class AdminEndpoint(Protocol):
+    """Where a service's admin API answers: a ``LiveServer``, or a picklable stand-in for one
+    that worker processes can carry."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def admin_headers(self) -> dict[str, str]: ...
+
+
+def admin_create_client(
+    server: AdminEndpoint, name: str, budget: int, *, training_quota: int = 0
+) -> tuple[str, str]:
     """Create a client through the admin API; returns ``(client_id, api_key)``."""
     response = httpx2.post(
         f"{server.url}/v1/admin/clients",
-        json={"name": name, "budget": budget},
+        json={"name": name, "budget": budget, "training_quota": training_quota},
         headers=server.admin_headers,
         timeout=30.0,
     )
