@@ -12,6 +12,10 @@ returned unchanged (x itself), so callers judge success on the model, as for eve
 
 Defaults are the authors' (and foolbox's), except ``steps``: 1,000 instead of 10,000, with their
 early abort (stop a run when the loss has not fallen by 0.01% over a tenth of the steps).
+With fewer steps raise ``learning_rate``: a pixel at 0 or 1 starts at w = atanh(-+0.999999),
+about -+7.25, where tanh is flat, and Adam moves w by about ``learning_rate`` per step, so 100
+steps at 0.01 cannot lift MNIST's black background (on a LeNet-5, 4 x 100 steps from c = 1
+reach the wanted class for 3 of 30 images at 0.01 and for 30 of 30 at 0.1).
 """
 
 from __future__ import annotations
