@@ -275,7 +275,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
                     "seed": seed, "row": row, "model": model, "attack": attack,
                     "test_accuracy": test_accuracy, "candidates": n,
                     "seconds": round(time.perf_counter() - started, 1),
-                    **{k: report[k] for k in ("auc", "balanced_accuracy", "tpr_at_01pct_fpr", "tpr_at_1pct_fpr", "queries_paid")},
+                    **{k: report[k] for k in ("auc", "balanced_accuracy", "tpr_at_01pct_fpr", "tpr_at_1pct_fpr", "queries_paid", "queries_replayed")},
                 }  # fmt: skip
                 print(json.dumps(result), flush=True)
                 rows.append(result)
