@@ -33,6 +33,10 @@ Per seed (every model retrained; default 3 seeds), with the paper's figures prin
     OMP_NUM_THREADS=1 python benchmarks/sanitization.py --fonts-dir data/fonts          # full
     OMP_NUM_THREADS=1 python benchmarks/sanitization.py --quick                          # cost
 
+Seeds in parallel: one process per seed (``--seeds 1 --first-seed S --output runS.json``, the
+same ``--work``), then ``--report-only --merge run0.json run1.json run2.json`` with the run's
+other options writes the joined ``--output`` and its markdown.
+
 Writes ``--output`` (JSON) and the markdown beside it (.md), and prints the markdown.
 """
 
@@ -736,6 +740,7 @@ def _float_keys(entry: dict[str, Any]) -> dict[Any, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="runs, each retraining every model")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run: first..first+seeds-1")
     parser.add_argument("--sections", nargs="+", default=["tables", "attacks", "range"],
                         choices=["tables", "attacks", "range"])  # fmt: skip
     parser.add_argument("--data-root", type=Path, default=None, help="full MNIST (tables, attacks)")
@@ -770,11 +775,16 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny everything: the cost")
     parser.add_argument("--report-only", action="store_true",
                         help="re-render --output's markdown (same options)")  # fmt: skip
+    parser.add_argument("--merge", type=Path, nargs="+", default=[],
+                        help="with --report-only: first join these runs' JSON (seeds run in "
+                        "parallel) into --output")  # fmt: skip
     parser.add_argument("--work", type=Path, default=ROOT / "reports" / "sanitization")
     parser.add_argument("--output", type=Path, default=ROOT / "reports" / "sanitization.json")
     args = parser.parse_args()
-    if args.seeds < 1:
-        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.seeds < 1 or args.first_seed < 0:
+        parser.error(
+            f"--seeds must be >= 1 and --first-seed >= 0, got {args.seeds}, {args.first_seed}"
+        )
     args.thresholds = {"self": args.self_thresholds} if args.self_thresholds else {}
     if args.quick:
         args.seeds, args.epochs, args.canonical_epochs = 1, 5, 2
@@ -789,6 +799,10 @@ def main() -> int:
     args.range_configs = [c for c in RANGE_CONFIGS if c[0] in args.configs]
     command = "OMP_NUM_THREADS=1 python benchmarks/sanitization.py " + " ".join(sys.argv[1:])
     if args.report_only:
+        if args.merge:
+            joined = [run for path in args.merge for run in json.loads(path.read_text("utf-8"))]
+            joined.sort(key=lambda run: run["seed"])
+            args.output.write_text(json.dumps(joined, indent=1) + "\n", encoding="utf-8")
         runs = json.loads(args.output.read_text(encoding="utf-8"), object_hook=_float_keys)
         text = markdown(runs, args, command.replace(" --report-only", "").strip())
         args.output.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
@@ -797,7 +811,7 @@ def main() -> int:
     torch.set_num_threads(1)
     runs = []
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    for seed in range(args.seeds):  # the report is rewritten after every seed
+    for seed in range(args.first_seed, args.first_seed + args.seeds):  # report after each
         runs.append(run_seed(args, seed))
         print(f"seed {seed} done in {runs[-1]['seconds']} s", file=sys.stderr, flush=True)
         args.output.write_text(json.dumps(runs, indent=1, default=str) + "\n", encoding="utf-8")
