@@ -48,6 +48,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -479,17 +480,26 @@ def serve_range(args: argparse.Namespace, parent: Path, work: Path, seed: int) -
 # ---------------------------------------------------------------- one seed, and the report
 
 
-def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+def seed_parent(folder: Path, args: argparse.Namespace, seed: int, data_root: Path | None) -> Path:
+    """The seed's parent in ``folder``: reused when it has ``--epochs``, trained otherwise."""
+    parent = folder / f"{MODEL}.pt"
+    if not parent.exists() or load_checkpoint(parent).metrics.get("epochs") != args.epochs:
+        parent = train_parent(folder, epochs=args.epochs, seed=seed, data_root=data_root)
+    return parent
+
+
+def run_seed(
+    args: argparse.Namespace, seed: int, save: Callable[[dict[str, Any]], object]
+) -> dict[str, Any]:
+    """One seed's sections; ``save`` gets the partial result after each (a crash keeps them)."""
     started = time.perf_counter()
     work = args.work / f"seed-{seed}"
     work.mkdir(parents=True, exist_ok=True)
-    parent = work / f"{MODEL}.pt"
-    if not parent.exists() or load_checkpoint(parent).metrics.get("epochs") != args.epochs:
-        parent = train_parent(work, epochs=args.epochs, seed=seed, data_root=args.data_root)
-    parent_checkpoint = load_checkpoint(parent)
-    result: dict[str, Any] = {"seed": seed, "parent": parent_checkpoint.metrics}
+    parent = seed_parent(work, args, seed, args.data_root)
+    result: dict[str, Any] = {"seed": seed, "parent": load_checkpoint(parent).metrics}
     if "tables" in args.sections or "attacks" in args.sections:
         result["tables"] = tables(args, parent, work / "sanitized", seed)
+        save(result)
     if "attacks" in args.sections:
         result["attacks"] = {}
         for method, threshold in (("canonical", 0.9999), ("self", args.self_threshold)):
@@ -499,8 +509,15 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
                 continue
             pair = load_sanitized_pair(path, parent)
             result["attacks"][f"{method} {threshold}"] = attacks(args, pair, seed)
+        save(result)
     if "range" in args.sections:
-        result["range"] = serve_range(args, parent, work, seed)
+        # The service as deployed: lenet5-mnist on the embedded split, whose pool, test and
+        # held-out images the attackers and normal clients use, whatever --data-root is.
+        served = parent
+        if args.data_root is not None:
+            served = seed_parent(work / "range-parent", args, seed, None)
+            result["range_parent"] = load_checkpoint(served).metrics
+        result["range"] = serve_range(args, served, work, seed)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -516,10 +533,12 @@ def ms(values: list[float | None], fmt: str = ".1%") -> str:
 
 
 def markdown(runs: list[dict[str, Any]], args: argparse.Namespace, command: str) -> str:
-    data = "full MNIST" if args.data_root else "embedded split (2,500 target-train images)"
+    data = "embedded split (2,500 target-train images)"
+    if args.data_root:
+        data = f"full MNIST (the range's rows: the {data}, as the service hosts it)"
     out = [
         f"`{command}` ({datetime.now(UTC):%Y-%m-%d}; {data}; seeds {[r['seed'] for r in runs]}; "
-        f"parent {args.epochs} epochs; {sum(r['seconds'] for r in runs):.0f} s)",
+        f"parent {args.epochs} epochs; {sum(r.get('seconds', 0) for r in runs):.0f} s)",
         "",
     ]
     if "tables" in runs[0]:
@@ -811,12 +830,17 @@ def main() -> int:
     torch.set_num_threads(1)
     runs = []
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    for seed in range(args.first_seed, args.first_seed + args.seeds):  # report after each
-        runs.append(run_seed(args, seed))
-        print(f"seed {seed} done in {runs[-1]['seconds']} s", file=sys.stderr, flush=True)
-        args.output.write_text(json.dumps(runs, indent=1, default=str) + "\n", encoding="utf-8")
-        text = markdown(runs, args, command.strip())
+
+    def save(done: list[dict[str, Any]]) -> str:
+        args.output.write_text(json.dumps(done, indent=1, default=str) + "\n", encoding="utf-8")
+        text = markdown(done, args, command.strip())
         args.output.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
+        return text
+
+    for seed in range(args.first_seed, args.first_seed + args.seeds):  # report after each
+        runs.append(run_seed(args, seed, lambda partial: save([*runs, partial])))
+        print(f"seed {seed} done in {runs[-1]['seconds']} s", file=sys.stderr, flush=True)
+        text = save(runs)
     print(text)
     return 0
 
