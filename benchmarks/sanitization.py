@@ -34,8 +34,8 @@ Per seed (every model retrained; default 3 seeds), with the paper's figures prin
     OMP_NUM_THREADS=1 python benchmarks/sanitization.py --quick                          # cost
 
 Seeds in parallel: one process per seed (``--seeds 1 --first-seed S --output runS.json``, the
-same ``--work``), then ``--report-only --merge run0.json run1.json run2.json`` with the run's
-other options writes the joined ``--output`` and its markdown.
+same ``--work``), then ``--merge run0.json run1.json run2.json`` with the run's other
+options writes the joined ``--output`` and its markdown.
 
 Writes ``--output`` (JSON) and the markdown beside it (.md), and prints the markdown.
 """
@@ -796,8 +796,8 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="re-render --output's markdown (same options)")  # fmt: skip
     parser.add_argument("--merge", type=Path, nargs="+", default=[],
-                        help="with --report-only: first join these runs' JSON (seeds run in "
-                        "parallel) into --output")  # fmt: skip
+                        help="only join these runs' JSON (seeds run in parallel) into --output "
+                        "and render it, as --report-only does")  # fmt: skip
     parser.add_argument("--work", type=Path, default=ROOT / "reports" / "sanitization")
     parser.add_argument("--output", type=Path, default=ROOT / "reports" / "sanitization.json")
     args = parser.parse_args()
@@ -818,10 +818,13 @@ def main() -> int:
                      "'random' (the adaptive attacker's)")  # fmt: skip
     args.range_configs = [c for c in RANGE_CONFIGS if c[0] in args.configs]
     command = "OMP_NUM_THREADS=1 python benchmarks/sanitization.py " + " ".join(sys.argv[1:])
-    if args.report_only:
+    if args.report_only or args.merge:
         if args.merge:
             joined = [run for path in args.merge for run in json.loads(path.read_text("utf-8"))]
             joined.sort(key=lambda run: run["seed"])
+            seeds = [run["seed"] for run in joined]
+            if len(set(seeds)) != len(seeds):
+                parser.error(f"--merge: a seed appears twice among the runs: {seeds}")
             args.output.write_text(json.dumps(joined, indent=1) + "\n", encoding="utf-8")
         runs = json.loads(args.output.read_text(encoding="utf-8"), object_hook=_float_keys)
         text = markdown(runs, args, command.replace(" --report-only", "").strip())
