@@ -26,6 +26,8 @@ as every dataset here is uint8.
 from __future__ import annotations
 
 import functools
+import gzip
+import os
 import pickle
 import shutil
 from collections.abc import Callable
@@ -149,16 +151,26 @@ def _is_writable(folder: Path) -> bool:
 
 def _load_mnist(split: str, root: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
     from torchvision.datasets import MNIST
-    from torchvision.datasets.utils import extract_archive
 
     assert root is not None  # guaranteed by load_dataset
     base = _writable_mnist_root(root / "mnist" if (root / "mnist").is_dir() else root)
     raw = base / "MNIST" / "raw"
     for archive in raw.glob("*.gz"):  # unpack locally so torchvision never reaches for the network
         if not archive.with_suffix("").exists():
-            extract_archive(str(archive), str(raw))
+            _gunzip_atomically(archive)
     dataset = MNIST(str(base), train=split != "test", download=False)
     return dataset.data[:, None].clone(), dataset.targets.clone().long()
+
+
+def _gunzip_atomically(archive: Path) -> None:
+    """Unpack ``x.gz`` to ``x`` through a private temporary file, so that a process starting
+    beside this one never reads a half-written ``x`` (two benchmark seeds started together
+    once did)."""
+    target = archive.with_suffix("")
+    partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+    with gzip.open(archive, "rb") as source, partial.open("wb") as sink:
+        shutil.copyfileobj(source, sink)
+    os.replace(partial, target)
 
 
 def _load_usps(split: str, root: Path | None) -> tuple[torch.Tensor, torch.Tensor]:

