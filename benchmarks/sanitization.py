@@ -574,7 +574,7 @@ def _tables_md(runs: list[dict[str, Any]]) -> list[str]:
             "images, "
             f"{canon[0]['epochs']} epochs; accuracy on its 20% "
             f"{ms([c['held_out_accuracy'] for c in canon])}"
-            f" (paper {PAPER_CANONICAL_ACCURACY:.1%}), on {canon[0]['test_data']} test "
+            f" (paper {PAPER_CANONICAL_ACCURACY:.1%}), on {canon[0]['test_data']} "
             f"{ms([c['test_accuracy'] for c in canon])}.",
             "",
         ]
