@@ -363,6 +363,11 @@ def load_data(data_root: Path | None, size: int) -> tuple[dict[str, torch.Tensor
     return data, source
 
 
+def eps_value(eps: str) -> float:
+    """An eps label as a number for ordering ('-', the clean baseline's, first)."""
+    return 0.0 if eps == "-" else parse_eps(eps)
+
+
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean, std, min and max of each (row, method, eps, variant)'s value over seeds; row 6's
     entries also carry the means of ``STEALING_FIELDS``."""
@@ -370,7 +375,10 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         groups.setdefault((row["row"], row["method"], row["eps"], row["variant"]), []).append(row)
     summary = []
-    for (row, method, eps, variant), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    ordered = sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], eps_value(kv[0][2]), kv[0][3])
+    )
+    for (row, method, eps, variant), members in ordered:
         values = [member["value"] for member in members]
         entry = {
             "row": row, "method": method, "eps": eps, "variant": variant, "seeds": len(values),
@@ -389,7 +397,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def first_eps_below(summary: list[dict[str, Any]], level: float) -> dict[str, str | None]:
     """Per method, the smallest eps at which LeNet-5 (row 2) falls under ``level`` on average."""
     found: dict[str, str | None] = {}
-    for entry in sorted(summary, key=lambda e: parse_eps(e["eps"]) if e["eps"] != "-" else 0):
+    for entry in sorted(summary, key=lambda e: eps_value(e["eps"])):
         if entry["row"] != 2 or entry["variant"] != "lenet5" or entry["method"] == "clean":
             continue
         found.setdefault(entry["method"], None)

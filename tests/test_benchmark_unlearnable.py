@@ -17,6 +17,7 @@ from benchmarks.unlearnable import (
     first_eps_below,
     jpeg,
     parse_eps,
+    summarise,
 )
 from benchmarks.unlearnable_service import (
     as_dataset,
@@ -64,6 +65,16 @@ def test_first_eps_below_picks_the_smallest_eps_under_the_level():
     assert first_eps_below(summary, 0.2) == {"m": "64/255"}
     assert first_eps_below(summary, 0.05) == {"m": None}
     assert parse_eps("32/255") == pytest.approx(0.12549, abs=1e-5)
+
+
+def test_the_summary_orders_eps_by_value_not_as_text():
+    rows = [
+        {"row": 2, "method": m, "eps": eps, "variant": "lenet5", "seed": 0, "value": 0.5}
+        for m, eps in (("clean", "-"), ("m", "64/255"), ("m", "8/255"), ("m", "16/255"))
+    ]
+    assert [(e["method"], e["eps"]) for e in summarise(rows)] == [
+        ("clean", "-"), ("m", "8/255"), ("m", "16/255"), ("m", "64/255"),
+    ]  # fmt: skip
 
 
 def test_a_k_above_the_pool_is_refused_and_the_default_ks_are_capped():
