@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import functools
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -632,7 +633,12 @@ def main() -> int:
             service = stack.enter_context(serving(args.checkpoint_dir, data))
             for job in todo:
                 job.update(service)
-        pool = stack.enter_context(ProcessPoolExecutor(args.workers))
+        # spawned, not forked: the target may have just been trained in this process, and a
+        # child forked after torch's OpenMP ran aborts ("fork() called from a process already
+        # using GNU OpenMP")
+        pool = stack.enter_context(
+            ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
+        )
         sink = stack.enter_context(progress_path.open("a"))
         for i, job_rows in enumerate(pool.map(run_job, todo), 1):
             print(f"[{i}/{len(todo)} jobs done]", flush=True)
