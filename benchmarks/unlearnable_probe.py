@@ -32,7 +32,9 @@ from mlcore.training import accuracy  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="Probe one protection setting: protection seeds x trainer seeds (issue 12)."
+    )
     parser.add_argument("method", choices=sorted(METHODS))
     parser.add_argument("eps", help="e.g. 32/255")
     parser.add_argument("--options", default="{}", help="the method's options, as JSON")
