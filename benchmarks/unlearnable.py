@@ -109,6 +109,9 @@ PSEUDO_CLASSES = (5, 20)
 ROWS = (2, 3, 4, 5, 6, 7)
 # Row 6's fields averaged over seeds beside its value (the substitute's accuracy).
 STEALING_FIELDS = ("agreement", "transferability_all", "selected_mi", "pool_mi")
+# Fields averaged beside a row's value: row 6's, and row 7's LeNet-5 accuracy (which stands in
+# for row 2's when a run measures row 7 without row 2).
+AVERAGED_FIELDS = (*STEALING_FIELDS, "lenet5_accuracy")
 
 
 def parse_eps(text: str) -> float:
@@ -371,7 +374,8 @@ def eps_value(eps: str) -> float:
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean, std, min and max of each (row, method, eps, variant)'s value over seeds; row 6's
-    entries also carry the means of ``STEALING_FIELDS``."""
+    entries also carry the means (and ``_std``) of ``STEALING_FIELDS``, row 7's of its LeNet-5
+    accuracy."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["row"], row["method"], row["eps"], row["variant"]), []).append(row)
@@ -387,10 +391,11 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values),
         }  # fmt: skip
-        for field in STEALING_FIELDS:
+        for field in AVERAGED_FIELDS:
             found = [m[field] for m in members if m.get(field) is not None]
             if found:
                 entry[field] = statistics.fmean(found)
+                entry[f"{field}_std"] = statistics.stdev(found) if len(found) > 1 else 0.0
         summary.append(entry)
     return summary
 
@@ -421,6 +426,16 @@ def to_markdown(summary: list[dict[str, Any]], source: str) -> str:
         return f"{entry['mean'] * scale:.1f}{unit} ± {entry['std'] * scale:.1f} ({entry['seeds']})"
 
     index = {(e["row"], e["method"], e["eps"], e["variant"]): e for e in summary}
+
+    def lenet5(method: str, eps: str) -> dict[str, Any] | None:
+        """Row 2's LeNet-5 entry, or (a run without row 2) row 7's LeNet-5 trained the same way."""
+        found = index.get((2, method, eps, "lenet5"))
+        row7 = index.get((7, method, eps, "feature-mi"))
+        if found is None and row7 is not None and "lenet5_accuracy" in row7:
+            found = {"mean": row7["lenet5_accuracy"], "std": row7["lenet5_accuracy_std"],
+                     "seeds": row7["seeds"]}  # fmt: skip
+        return found
+
     settings = list(dict.fromkeys((e["method"], e["eps"]) for e in summary))
     lines = [f"Data: {source}. Mean ± std over seeds (number of seeds in brackets).", ""]
     for row, title, variants in (
@@ -444,12 +459,12 @@ def to_markdown(summary: list[dict[str, Any]], source: str) -> str:
         for method, eps in settings:
             cells = [cell(index.get((row, method, eps, v))) for v in present]
             if row == 5:
-                cells.insert(0, cell(index.get((2, method, eps, "lenet5"))))
+                cells.insert(0, cell(lenet5(method, eps)))
             if any(cells):
                 lines.append("| " + " | ".join([method, eps, *cells]) + " |")
         lines.append("")
     if any(e["row"] == 7 for e in summary):
-        clean_acc = index.get((2, "clean", "-", "lenet5"))
+        clean_acc = lenet5("clean", "-")
         lines += [
             "**Row 7: MI between clean and protected penultimate features (LeNet-5 trained on "
             "clean data; histogram, nats per feature) against the LeNet-5 accuracy drop**",
@@ -459,7 +474,7 @@ def to_markdown(summary: list[dict[str, Any]], source: str) -> str:
         ]
         for method, eps in settings:
             mi = index.get((7, method, eps, "feature-mi"))
-            acc = index.get((2, method, eps, "lenet5"))
+            acc = lenet5(method, eps)
             drop = (
                 f"{(clean_acc['mean'] - acc['mean']) * 100:.1f} points"
                 if clean_acc is not None and acc is not None

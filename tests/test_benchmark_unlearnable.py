@@ -18,6 +18,7 @@ from benchmarks.unlearnable import (
     jpeg,
     parse_eps,
     summarise,
+    to_markdown,
 )
 from benchmarks.unlearnable_service import (
     as_dataset,
@@ -75,6 +76,23 @@ def test_the_summary_orders_eps_by_value_not_as_text():
     assert [(e["method"], e["eps"]) for e in summarise(rows)] == [
         ("clean", "-"), ("m", "8/255"), ("m", "16/255"), ("m", "64/255"),
     ]  # fmt: skip
+
+
+def test_without_row_2_the_report_takes_lenet5_from_row_7():
+    """A run of rows 5 and 7 alone still fills row 5's 'none' column and row 7's drop."""
+    rows = [
+        {"row": 7, "method": method, "eps": eps, "variant": "feature-mi", "seed": seed,
+         "value": 1.0, "lenet5_accuracy": accuracy}
+        for method, eps, accuracy in (("clean", "-", 0.9), ("m", "32/255", 0.6))
+        for seed in (0, 1)
+    ] + [
+        {"row": 5, "method": "m", "eps": "32/255", "variant": "cutout", "seed": seed,
+         "value": 0.7}
+        for seed in (0, 1)
+    ]  # fmt: skip
+    report = to_markdown(summarise(rows), "test data")
+    assert "| m | 32/255 | 60.0% ± 0.0 (2) | 70.0% ± 0.0 (2) |" in report
+    assert "| m | 32/255 | 1.0 ± 0.0 (2) | 30.0 points |" in report
 
 
 def test_a_k_above_the_pool_is_refused_and_the_default_ks_are_capped():
