@@ -74,11 +74,18 @@ def test_row6_pays_exactly_k_per_selection_and_writes_every_field(service: Servi
     target_labels = hosted_labels(service, service.open_account("row6-judge"), TARGET, test)
     rows = stealing_rows(
         service, key, npz, test, target_labels,
-        ks=[40, 20], selections=["random", "drmi"], epochs=1, transfer_seeds=2, seed=0,
+        ks=[40, 20, 100], selections=["random", "drmi"], epochs=1, transfer_seeds=2, seed=0,
     )  # fmt: skip
     assert [(row["selection"], row["k"]) for row in rows] == [
-        ("random", 20), ("random", 40), ("drmi", 20), ("drmi", 40),
+        ("random", 20), ("random", 40), ("random", 100), ("drmi", 20), ("drmi", 40), ("drmi", 100),
     ]  # fmt: skip
+    # k = the whole pool: both selections pick every image in the same order, so DRMI's
+    # substitute is random's, copied and not bought twice
+    whole_random, whole_drmi = rows[2], rows.pop()
+    assert whole_drmi["same_as"] == "random k=100" and whole_drmi["variant"] == "drmi k=100"
+    assert whole_drmi["queries_paid"] == whole_drmi["transfer_queries"] == 0
+    for field in ("value", "agreement", "transferability_all", "selected_mi"):
+        assert whole_drmi[field] == whole_random[field], field
     for row in rows:
         assert row["queries_paid"] == row["k"] and row["stopped_by"] is None, row
         assert row["transfer_examples"] == 2 * 9 == row["transfer_queries"], row
