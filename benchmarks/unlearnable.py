@@ -413,9 +413,10 @@ def first_eps_below(summary: list[dict[str, Any]], level: float) -> dict[str, st
 
 
 def _stealing_order(entry: dict[str, Any]) -> tuple:
-    """Row 6's entries by method, eps, selection and k as a number ('drmi k=300' < 'drmi k=1000')."""
+    """Row 6's entries by method, eps and selection, eps and k as numbers ('8/255' < '16/255',
+    'drmi k=300' < 'drmi k=1000')."""
     selection, _, k = entry["variant"].partition(" k=")
-    return (entry["method"], entry["eps"], selection, int(k) if k.isdigit() else 0)
+    return (entry["method"], eps_value(entry["eps"]), selection, int(k) if k.isdigit() else 0)
 
 
 def to_markdown(summary: list[dict[str, Any]], source: str) -> str:

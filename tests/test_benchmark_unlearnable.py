@@ -78,6 +78,20 @@ def test_the_summary_orders_eps_by_value_not_as_text():
     ]  # fmt: skip
 
 
+def test_row_6_lists_eps_and_k_by_value_not_as_text():
+    rows = [
+        {"row": 6, "method": "m", "eps": eps, "variant": f"random k={k}", "seed": 0, "value": 0.5}
+        for eps in ("16/255", "8/255")
+        for k in (1000, 300)
+    ]
+    report = to_markdown(summarise(rows), "test data")
+    lines = [line for line in report.splitlines() if line.startswith("| m |")]
+    assert [line.split(" | ")[1:3] for line in lines] == [
+        ["8/255", "random k=300"], ["8/255", "random k=1000"],
+        ["16/255", "random k=300"], ["16/255", "random k=1000"],
+    ]  # fmt: skip
+
+
 def test_without_row_2_the_report_takes_lenet5_from_row_7():
     """A run of rows 5 and 7 alone still fills row 5's 'none' column and row 7's drop."""
     rows = [
