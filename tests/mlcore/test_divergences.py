@@ -15,13 +15,14 @@ from mlcore.divergences import (
 )
 
 
-def test_log_space_tells_0_9999999_from_1_where_float32_softmax_cannot():
-    # p(label) = 1 / (1 + 9 e^-m): m = 18 gives about 1 - 1.4e-7, m = 20 about 1 - 1.9e-8.
-    logits = torch.tensor([[18.0] + [0.0] * 9, [20.0] + [0.0] * 9])
+def test_log_space_tells_apart_confidences_float32_softmax_rounds_to_1():
+    # p(label) = 1 / (1 + 9 e^-m): m = 21 gives about 1 - 6.8e-9, m = 23 about 1 - 9.2e-10.
+    # Both sit far inside float32's half-ulp below 1 (3e-8), so any summation order rounds to 1.
+    logits = torch.tensor([[21.0] + [0.0] * 9, [23.0] + [0.0] * 9])
     labels = torch.tensor([0, 0])
     assert torch.softmax(logits, 1)[:, 0].tolist() == [1.0, 1.0]  # float32 sees no difference
-    assert confident_indices(logits, labels, 0.9999999).tolist() == [1]
-    expected = -np.log1p(9 * np.exp(-np.array([18.0, 20.0])))
+    assert confident_indices(logits, labels, 1 - 3e-9).tolist() == [1]
+    expected = -np.log1p(9 * np.exp(-np.array([21.0, 23.0])))
     np.testing.assert_allclose(label_log_confidence(logits, labels), expected, rtol=1e-6, atol=0)
 
 

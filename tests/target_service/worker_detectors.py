@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from defenses.base import DETECTORS, DetectorBase
@@ -35,7 +36,9 @@ class DigestDetector(DetectorBase):
 
     def _observe(self, x: Tensor, labels: Tensor) -> None:
         marker = None
-        if self.busy_dir:
+        # The hub's warm-up feeds each worker's throwaway copy two float blank images at start-up:
+        # they belong to no stream, so only logged (uint8) queries mark one busy.
+        if self.busy_dir and x.dtype == torch.uint8:
             tag = int(x[0].flatten()[0])
             marker = Path(self.busy_dir) / f"busy-{tag}"
             try:
