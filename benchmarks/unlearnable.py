@@ -45,6 +45,7 @@ import contextlib
 import functools
 import json
 import multiprocessing
+import re
 import statistics
 import sys
 import tempfile
@@ -117,6 +118,26 @@ AVERAGED_FIELDS = (*STEALING_FIELDS, "lenet5_accuracy")
 def parse_eps(text: str) -> float:
     """'32/255' or '0.125' -> float."""
     return float(Fraction(text))
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:
+    """'LABEL=METHOD:JSON' -> (LABEL, (METHOD, options)): a registered method with options,
+    reported under its own label so its rows sit beside the method's defaults."""
+    label, _, rest = text.partition("=")
+    method, _, options_text = rest.partition(":")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", label) or label in {*METHODS, "clean"}:
+        raise ValueError(
+            f"--variant {text!r}: LABEL must be a new lower-case name (letters, digits, '-')"
+        )
+    if method not in METHODS:
+        raise ValueError(f"--variant {text!r}: unknown method {method!r}; known: {sorted(METHODS)}")
+    try:
+        options = json.loads(options_text or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--variant {text!r}: the options are not JSON ({exc})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--variant {text!r}: the options must be a JSON object")
+    return label, (method, options)
 
 
 def build_victim(arch: str, shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -274,8 +295,9 @@ def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
     if method == "clean":
         protected = images
     else:
-        options = dict(job["options"].get(method, {}))
-        result = METHODS[method](images, labels, eps=parse_eps(eps), seed=seed, **options)
+        registered, variant_options = job["variants"].get(method, (method, {}))
+        options = {**job["options"].get(registered, {}), **variant_options}
+        result = METHODS[registered](images, labels, eps=parse_eps(eps), seed=seed, **options)
         protected, info = result.images, result.info
     craft_seconds = round(time.perf_counter() - started, 1)
     base = {"method": method, "eps": eps, "seed": seed, "epochs": epochs}
@@ -585,6 +607,11 @@ def main() -> int:
         help="a smoke run: embedded split, 32/255, 2 seeds, rows 2 and 7, linear and LeNet-5 "
         "(options given explicitly win)",
     )  # fmt: skip
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="LABEL=METHOD:JSON",
+        help="a registered method with options, measured as a method of its own named LABEL "
+        """(also a name for --methods), e.g. 'em-classwise-b14=em-classwise:{"block": 14}'""",
+    )  # fmt: skip
     parser.add_argument("--data-root", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=1, help="jobs run in parallel processes")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "unlearnable.json")
@@ -596,10 +623,14 @@ def main() -> int:
         )  # fmt: skip
         args = parser.parse_args()
         args.data_root = None
-    methods = args.methods or list(METHODS)
-    unknown = sorted(set(methods) - set(METHODS))
+    try:
+        variants = dict(map(parse_variant, args.variant))
+    except ValueError as exc:
+        parser.error(str(exc))
+    methods = args.methods or [*METHODS, *variants]
+    unknown = sorted(set(methods) - set(METHODS) - set(variants))
     if unknown:
-        parser.error(f"unknown --methods {unknown}; known: {sorted(METHODS)}")
+        parser.error(f"unknown --methods {unknown}; known: {sorted([*METHODS, *variants])}")
     for text in args.eps:
         try:
             parse_eps(text)
@@ -619,6 +650,7 @@ def main() -> int:
             parser.error(str(exc))
     options = {"uc": {"surrogate": args.uc_surrogate, "data_root": args.data_root}}
     common = {"epochs": args.epochs, "rows": args.rows, "archs": args.archs, "options": options,
+              "variants": variants,
               "all_eps": args.eps, "data_root": args.data_root, "size": args.size,
               "recipes": args.recipes, "steal_ks": args.steal_ks,
               "steal_epochs": args.steal_epochs, "transfer_seeds": args.transfer_seeds}  # fmt: skip
@@ -673,6 +705,7 @@ def main() -> int:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "data": source,
         "settings": {"seeds": args.seeds, "eps": args.eps, "methods": methods, "archs": args.archs,
+                     "variants": variants,
                      "rows": args.rows, "epochs": args.epochs, "uc_surrogate": args.uc_surrogate,
                      "recipes": args.recipes, "steal_ks": args.steal_ks,
                      "steal_epochs": args.steal_epochs, "transfer_seeds": args.transfer_seeds},

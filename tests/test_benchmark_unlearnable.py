@@ -2,7 +2,7 @@
 features from unpaired ones, the countermeasures keep images in [0, 1] and soft labels summing
 to one, the "first eps under a level" read-out picks the smallest eps, row 6's budgets above the
 pool are refused (the defaults capped, with a message) and its within-class MI sees class-wise
-noise. Rows 3 and 6 against a real service: tests/e2e/test_unlearnable_rows_e2e.py."""
+noise; a --variant runs a method with options under its own label. Rows 3 and 6 against a real service: tests/e2e/test_unlearnable_rows_e2e.py."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from benchmarks.unlearnable import (
     first_eps_below,
     jpeg,
     parse_eps,
+    parse_variant,
+    run_job,
     summarise,
     to_markdown,
 )
@@ -153,3 +155,24 @@ def test_class_wise_noise_raises_drmi_mutual_information_within_a_class():
     assert mean_within_class_mi(clean_mi, chosen) == pytest.approx(
         np.mean([m[np.ix_(range(6), range(6))].sum() / 30 for _, m in list(clean_mi.values())[:2]])
     )
+
+
+def test_a_variant_is_a_method_with_options_under_its_own_label():
+    label, (method, options) = parse_variant('em-classwise-b7=em-classwise:{"block": 7}')
+    assert (label, method, options) == ("em-classwise-b7", "em-classwise", {"block": 7})
+    for text, message in (
+        ("em-classwise=em-classwise:{}", "LABEL must be a new"),
+        ("Big=em-classwise:{}", "LABEL must be a new"),
+        ("b7=nope:{}", "unknown method 'nope'"),
+        ("b7=em-classwise:{block: 7}", "not JSON"),
+        ("b7=em-classwise:[7]", "a JSON object"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            parse_variant(text)
+    fast = {"block": 7, "max_rounds": 1, "train_steps": 1, "pgd_steps": 1}
+    job = {"method": "b7", "eps": "16/255", "seed": 0, "epochs": 1, "rows": [2],
+           "archs": ["linear"], "data_root": None, "size": 100, "options": {},
+           "variants": {"b7": ("em-classwise", fast)}}  # fmt: skip
+    (row,) = run_job(job)
+    assert row["method"] == "b7" and row["variant"] == "linear"
+    assert row["info"]["method"] == "em-classwise" and row["info"]["settings"]["block"] == 7

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "Method",
@@ -35,6 +36,9 @@ __all__ = [
     "check_eps",
     "check_images",
     "check_labels",
+    "clip_straight_through",
+    "coarse_shape",
+    "coarse_to_full",
     "load_state",
     "project",
     "require_labels",
@@ -128,6 +132,33 @@ def project(images: torch.Tensor, noise: torch.Tensor, eps: float) -> torch.Tens
     (the second cut only shrinks it, so the first bound still holds)."""
     bounded = noise.clamp(-eps, eps)
     return (images + bounded).clamp(0.0, 1.0) - images
+
+
+def coarse_shape(shape: tuple[int, ...] | torch.Size, block: int) -> tuple[int, ...]:
+    """The shape of a noise that is constant on ``block`` x ``block`` squares of images of
+    ``shape`` (C, H, W): (C, ceil(H / block), ceil(W / block))."""
+    channels, height, width = shape
+    if block > min(height, width):
+        raise UnlearnableError(
+            f"block must be <= the image side ({min(height, width)}), got {block}"
+        )
+    return channels, -(-height // block), -(-width // block)
+
+
+def coarse_to_full(noise: torch.Tensor, *, size: tuple[int, ...]) -> torch.Tensor:
+    """Coarse noise (N, C, h, w) blown up to (N, C, *size), each value over its square.
+
+    Why: on MNIST a trainer learns the digits in its second epoch, and pixel-fine noise is read
+    after them if at all; noise constant on large squares (a change of brightness per region) is
+    read first. ``block`` = 1 is the paper's pixel-wise noise."""
+    if tuple(noise.shape[2:]) == tuple(size):
+        return noise
+    return F.interpolate(noise, size=size, mode="nearest")
+
+
+def clip_straight_through(images: torch.Tensor) -> torch.Tensor:
+    """``images.clamp(0, 1)`` forward; the identity backward."""
+    return images + (images.clamp(0, 1) - images).detach()
 
 
 def run_fingerprint(

@@ -17,11 +17,15 @@ MNIST departs from the paper's CIFAR-10 in two ways (docs/benchmarks.md measures
   trains the surrogate and steps the noise on images that carry another image's noise and
   label: only the noise tells the label, so the noise is pushed to be readable on its own, a
   shortcut that owes nothing to the digits.
+- a trainer reads pixel-fine noise after the digits if at all; ``block`` makes the noise one
+  value per ``block`` x ``block`` square (a brightness change per region), read before them.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,9 @@ from defenses.unlearnable.base import (
     check_eps,
     check_images,
     check_labels,
+    clip_straight_through,
+    coarse_shape,
+    coarse_to_full,
     load_state,
     project,
     require_labels,
@@ -63,6 +70,7 @@ class MinMinSettings:
     max_rounds: int = 30  # and never run more
     restart_every: int | None = None  # re-initialise the surrogate every N rounds (None: never)
     decoupled: bool = False  # pair each image with another image's noise and label (see above)
+    block: int = 1  # the noise is constant on block x block squares (see ``coarse_to_full``)
 
     def check(self) -> None:
         counts = (
@@ -72,6 +80,7 @@ class MinMinSettings:
             "noise_sample",
             "min_rounds",
             "max_rounds",
+            "block",
         )
         for name in counts:
             if getattr(self, name) < 1:
@@ -161,9 +170,9 @@ def _min_min(
 
     state = load_state(resume_path, fingerprint)
     generator = torch.Generator().manual_seed(seed)
-    noise = (
-        torch.rand(int(groups.max()) + 1, *images.shape[1:], generator=generator) * 2 - 1
-    ) * eps
+    shape = coarse_shape(images.shape[1:], settings.block)
+    noise = (torch.rand(int(groups.max()) + 1, *shape, generator=generator) * 2 - 1) * eps
+    full = functools.partial(coarse_to_full, size=tuple(images.shape[2:]))
     surrogate, optimizer = _fresh_surrogate(settings, images, num_classes, seed, restart=0)
     history: list[dict[str, float]] = []
     rounds_done, restarts, stopped = 0, 0, False
@@ -187,7 +196,7 @@ def _min_min(
             else torch.arange(len(images))
         )
         targets = labels[partner]
-        noisy = images + project(images, noise[groups[partner]], eps)
+        noisy = images + project(images, full(noise[groups[partner]]), eps)
         chosen = torch.randint(
             len(images), (settings.train_steps * settings.batch_size,), generator=generator
         )
@@ -212,6 +221,7 @@ def _min_min(
                 step_size,
                 settings,
                 generator,
+                full,
             )
             rounds_done += 1
         history.append({"surrogate_loss": loss, "noisy_train_accuracy": fitted})
@@ -230,7 +240,7 @@ def _min_min(
         if progress is not None:
             progress(rounds_done, settings.max_rounds, f"surrogate fits noisy data {fitted:.1%}")
 
-    applied = project(images, noise[groups], eps)
+    applied = project(images, full(noise[groups]), eps)
     info = {
         "method": method,
         "eps": eps,
@@ -285,6 +295,7 @@ def _minimise(
     step_size: float,
     settings: MinMinSettings,
     generator: torch.Generator,
+    full: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """``pgd_steps`` signed descent steps of the surrogate's summed loss with respect to the
     noise rows. A class's row collects the gradients of its images; with fewer rows than images
@@ -305,13 +316,8 @@ def _minimise(
         noise.requires_grad_(True)
         gradient = torch.zeros_like(noise)
         for batch in chosen.split(500):
-            noisy = _clip_straight_through(images[batch] + noise[groups[batch]])
+            noisy = clip_straight_through(images[batch] + full(noise[groups[batch]]))
             loss = loss_fn(surrogate(noisy), labels[batch])
             gradient += torch.autograd.grad(loss, noise)[0]
         noise = (noise.detach() - step_size * gradient.sign()).clamp(-eps, eps)
     return noise
-
-
-def _clip_straight_through(images: torch.Tensor) -> torch.Tensor:
-    """``images.clamp(0, 1)`` forward; the identity backward."""
-    return images + (images.clamp(0, 1) - images).detach()

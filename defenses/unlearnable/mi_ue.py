@@ -17,7 +17,9 @@ similarity of a surrogate's penultimate features with a supervised-contrastive l
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,9 @@ from defenses.unlearnable.base import (
     check_eps,
     check_images,
     check_labels,
+    clip_straight_through,
+    coarse_shape,
+    coarse_to_full,
     load_state,
     project,
     require_labels,
@@ -123,6 +128,7 @@ def craft_mi_ue(
     temperature: float = 0.1,
     batch_size: int = 256,
     stop_separation: float = 0.9,
+    block: int = 1,
 ) -> tuple[ProtectionResult, nn.Module]:
     """``mi_ue`` that also returns the surrogate model it trained (to measure what it did)."""
     eps = check_eps(eps)
@@ -132,6 +138,7 @@ def craft_mi_ue(
         ("rounds", rounds),
         ("noise_steps", noise_steps),
         ("batch_size", batch_size),
+        ("block", block),
     ):
         if value < 1:
             raise UnlearnableError(f"{name} must be >= 1, got {value}")
@@ -148,8 +155,17 @@ def craft_mi_ue(
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(seed)
     # A uniform random start in the eps-ball (as sample-wise error-minimising noise starts).
-    random_start = (torch.rand(images.shape, generator=generator) * 2 - 1) * eps
-    noise = project(images, random_start, eps)
+    # With ``block`` > 1 the noise is a coarse grid, one value per block x block square
+    # (``coarse_to_full``); at 1 it is the paper's pixel-wise noise, kept projected.
+    shape = (len(images), *coarse_shape(images.shape[1:], block))
+    random_start = (torch.rand(shape, generator=generator) * 2 - 1) * eps
+    noise = project(images, random_start, eps) if block == 1 else random_start
+    full = functools.partial(coarse_to_full, size=tuple(images.shape[2:]))
+
+    def added(noise: torch.Tensor) -> torch.Tensor:
+        """The noise as the images carry it (pixel-wise noise is kept so already)."""
+        return noise if block == 1 else project(images, full(noise), eps)
+
     done, history = 0, []  # history: (intra, inter)-class cosine after each round
     settings = {
         "arch": surrogate,
@@ -159,6 +175,7 @@ def craft_mi_ue(
         "temperature": temperature,
         "batch_size": batch_size,
         "stop_separation": stop_separation,
+        "block": block,
     }
     fingerprint = run_fingerprint("mi-ue", images, labels, eps=eps, seed=seed, options=settings)
     state = load_state(resume_path, fingerprint)
@@ -173,7 +190,7 @@ def craft_mi_ue(
         train_epoch(
             model,
             optimizer,
-            images + noise,
+            images + added(noise),
             labels,
             batch_size=batch_size,
             generator=generator,
@@ -191,9 +208,10 @@ def craft_mi_ue(
                 steps=noise_steps,
                 step_size=step_size,
                 temperature=temperature,
+                full=full,
             )
         done += 1
-        history.append(class_separation(model, images + noise, labels))
+        history.append(class_separation(model, images + added(noise), labels))
         logger.info("mi-ue round %d: intra, inter-class cosine %.4f, %.4f", done, *history[-1])
         if resume_path is not None:
             state = {
@@ -208,7 +226,8 @@ def craft_mi_ue(
         if progress is not None:
             intra, inter = history[-1]
             progress(done, rounds, f"intra-class cosine {intra:.3f}, inter-class {inter:.3f}")
-    protected = images + noise
+    applied = added(noise)
+    protected = images + applied
     info: dict[str, Any] = {
         "method": "mi-ue",
         "eps": eps,
@@ -219,11 +238,13 @@ def craft_mi_ue(
         "step_size": step_size,
         "temperature": temperature,
         "stop_separation": stop_separation,
+        "block": block,
         "stopped_at": _separation(history[-1]) if history else None,
         "intra_inter_cosine": [[round(v, 4) for v in pair] for pair in history],
         "intra_inter_cosine_clean": list(class_separation(model, images, labels)),
     }
-    return ProtectionResult(images=protected, labels=labels, noise=noise, info=info), model.eval()
+    result = ProtectionResult(images=protected, labels=labels, noise=applied, info=info)
+    return result, model.eval()
 
 
 def _separation(intra_inter: tuple[float, float]) -> float:
@@ -240,12 +261,18 @@ def _minimise_contrastive(
     steps: int,
     step_size: float,
     temperature: float,
+    full: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
+    """Signed steps down the contrastive loss. Pixel-wise noise is kept projected (each pixel
+    is its own, so the [0, 1] cut is exact); a coarse square's value is shared by pixels the
+    cut treats differently, so it is only bounded by eps and reaches the image through the
+    cut, passing the gradient straight through (as error-minimising noise does)."""
+    pixelwise = noise.shape == images.shape
     for _ in range(steps):
         noise = noise.detach().requires_grad_(True)
-        loss = supervised_contrastive_loss(
-            extractor(images + noise), labels, temperature=temperature
-        )
+        noisy = images + noise if pixelwise else clip_straight_through(images + full(noise))
+        loss = supervised_contrastive_loss(extractor(noisy), labels, temperature=temperature)
         (grad,) = torch.autograd.grad(loss, noise)
-        noise = project(images, noise.detach() - step_size * grad.sign(), eps)
+        stepped = noise.detach() - step_size * grad.sign()
+        noise = project(images, stepped, eps) if pixelwise else stepped.clamp(-eps, eps)
     return noise.detach()

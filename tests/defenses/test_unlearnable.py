@@ -117,6 +117,37 @@ def test_unknown_option_and_bad_setting_are_named() -> None:
         METHODS["em-classwise"](images[:, :, :20], labels, eps=EPS, seed=0, surrogate="dnn5")
 
 
+@pytest.mark.parametrize("name", ("em-classwise", "em-samplewise", "mi-ue"))
+def test_block_noise_is_constant_on_its_squares(name: str) -> None:
+    """``block`` = 7 on 28 x 28 digits: before the [0, 1] cut, each image's noise is one value
+    per 7 x 7 square (4 x 4 values); the cut only shrinks it, so wherever the image is not at
+    0 or 1 the noise equals its square's value."""
+    images, labels = small_pool()
+    options = {**FAST_OPTIONS[name], "block": 7}
+    result = METHODS[name](images, labels, eps=EPS, seed=0, **options)
+    assert result.noise.abs().max() <= EPS + 1e-6 and result.noise.abs().max() > EPS / 2
+    settings = result.info.get("settings", result.info)  # error-minimising nests its knobs
+    assert settings["block"] == 7
+    squares = result.noise.unfold(2, 7, 7).unfold(3, 7, 7)  # (N, C, 4, 4, 7, 7)
+    free = ((result.images > 0) & (result.images < 1)).unfold(2, 7, 7).unfold(3, 7, 7)
+    high = torch.where(free, squares, -math.inf).amax(dim=(-1, -2))
+    low = torch.where(free, squares, math.inf).amin(dim=(-1, -2))
+    seen = free.any(dim=-1).any(dim=-1)
+    assert (high - low)[seen].abs().max() < 1e-6
+    assert not torch.allclose(high[seen], high[seen].flatten()[0])  # not one value everywhere
+
+
+@pytest.mark.parametrize("name", ("em-classwise", "mi-ue"))
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [(0, "block must be >= 1, got 0"), (29, r"block must be <= the image side \(28\), got 29")],
+)
+def test_a_bad_block_is_refused_by_value(name: str, block: int, message: str) -> None:
+    images, labels = small_pool(2)
+    with pytest.raises(UnlearnableError, match=message):
+        METHODS[name](images, labels, eps=EPS, seed=0, block=block)
+
+
 def test_an_interrupted_run_resumes_to_the_same_noise(tmp_path) -> None:
     """The state is saved after every round; a rerun of the same call picks it up and ends with
     exactly the noise of an uninterrupted run (surrogate, optimizer and generator restored)."""
