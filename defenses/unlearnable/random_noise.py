@@ -17,6 +17,8 @@ from defenses.unlearnable.base import (
     check_eps,
     check_images,
     check_labels,
+    coarse_shape,
+    coarse_to_full,
     project,
     require_labels,
 )
@@ -30,19 +32,25 @@ def protect_random(
     seed: int,
     progress: Progress | None = None,
     resume_path: Path | None = None,
+    block: int = 1,
     **options: Any,
 ) -> ProtectionResult:
-    """One uniform pattern per class; nothing to resume (it takes milliseconds)."""
+    """One uniform pattern per class, one value per ``block`` x ``block`` square (as the
+    crafted methods' ``block``); nothing to resume (it takes milliseconds)."""
     if options:
-        raise UnlearnableError(f"random takes no options, got {sorted(options)}")
+        raise UnlearnableError(f"random takes only the option 'block', got {sorted(options)}")
+    if block < 1:
+        raise UnlearnableError(f"block must be >= 1, got {block}")
     eps = check_eps(eps)
     images = check_images(images)
     labels = require_labels(check_labels(labels, len(images)), "random")
     generator = torch.Generator().manual_seed(seed)
     classes = int(labels.max()) + 1
-    patterns = (torch.rand(classes, *images.shape[1:], generator=generator) * 2 - 1) * eps
+    shape = coarse_shape(images.shape[1:], block)
+    patterns = (torch.rand(classes, *shape, generator=generator) * 2 - 1) * eps
+    patterns = coarse_to_full(patterns, size=tuple(images.shape[2:]))
     noise = project(images, patterns[labels], eps)
     if progress is not None:
         progress(1, 1, "drawn")
-    info = {"method": "random", "eps": eps, "seed": seed, "rounds": 0}
+    info = {"method": "random", "eps": eps, "seed": seed, "rounds": 0, "block": block}
     return ProtectionResult(images + noise, labels.clone(), noise, info)
