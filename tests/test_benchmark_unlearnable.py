@@ -2,7 +2,8 @@
 features from unpaired ones, the countermeasures keep images in [0, 1] and soft labels summing
 to one, the "first eps under a level" read-out picks the smallest eps, row 6's budgets above the
 pool are refused (the defaults capped, with a message) and its within-class MI sees class-wise
-noise; a --variant runs a method with options under its own label. Rows 3 and 6 against a real service: tests/e2e/test_unlearnable_rows_e2e.py."""
+noise; a --variant runs a method with options under its own label. Rows 3 and 6 against a
+real service: tests/e2e/test_unlearnable_rows_e2e.py."""
 
 from __future__ import annotations
 

@@ -136,8 +136,10 @@ def project(images: torch.Tensor, noise: torch.Tensor, eps: float) -> torch.Tens
 
 def coarse_shape(shape: tuple[int, ...] | torch.Size, block: int) -> tuple[int, ...]:
     """The shape of a noise that is constant on ``block`` x ``block`` squares of images of
-    ``shape`` (C, H, W): (C, ceil(H / block), ceil(W / block))."""
+    ``shape`` (C, H, W): (C, ceil(H / block), ceil(W / block)). The one check of ``block``."""
     channels, height, width = shape
+    if block < 1:
+        raise UnlearnableError(f"block must be >= 1, got {block}")
     if block > min(height, width):
         raise UnlearnableError(
             f"block must be <= the image side ({min(height, width)}), got {block}"

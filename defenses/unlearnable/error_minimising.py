@@ -80,7 +80,6 @@ class MinMinSettings:
             "noise_sample",
             "min_rounds",
             "max_rounds",
-            "block",
         )
         for name in counts:
             if getattr(self, name) < 1:

@@ -138,7 +138,6 @@ def craft_mi_ue(
         ("rounds", rounds),
         ("noise_steps", noise_steps),
         ("batch_size", batch_size),
-        ("block", block),
     ):
         if value < 1:
             raise UnlearnableError(f"{name} must be >= 1, got {value}")

@@ -39,8 +39,6 @@ def protect_random(
     crafted methods' ``block``); nothing to resume (it takes milliseconds)."""
     if options:
         raise UnlearnableError(f"random takes only the option 'block', got {sorted(options)}")
-    if block < 1:
-        raise UnlearnableError(f"block must be >= 1, got {block}")
     eps = check_eps(eps)
     images = check_images(images)
     labels = require_labels(check_labels(labels, len(images)), "random")
