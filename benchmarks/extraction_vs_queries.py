@@ -25,7 +25,6 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from attacker.extraction import train_substitute  # noqa: E402
 from attacker.oracle import LocalOracle  # noqa: E402
 from attacker.semi_supervised import train_semi_supervised  # noqa: E402
+from benchmarks.job_pool import run_jobs  # noqa: E402
 from benchmarks.rows_file import read_rows  # noqa: E402
 from benchmarks.strategies import Strategy, discover  # noqa: E402
 from mlcore.checkpoints import load_checkpoint  # noqa: E402
@@ -272,14 +272,11 @@ def main() -> int:
     if args.report_only:
         todo = []
     print(f"{len(jobs) - len(todo)} jobs already done (from {progress_path}), {len(todo)} to go")
-    with ProcessPoolExecutor(max_workers=args.workers) as executor, progress_path.open("a") as sink:
-        for i, job_rows in enumerate(executor.map(run_job, todo, chunksize=1), 1):
-            rows += job_rows
-            for row in job_rows:
-                sink.write(json.dumps(row) + "\n")
-            sink.flush()
-            if i % 10 == 0 or i == len(todo):
-                print(f"  {i}/{len(todo)} jobs done", flush=True)
+    finished_rows = run_jobs(run_job, todo, workers=args.workers, rows_path=progress_path)
+    for i, job_rows in enumerate(finished_rows, 1):
+        rows += job_rows
+        if i % 10 == 0 or i == len(todo):
+            print(f"  {i}/{len(todo)} jobs done", flush=True)
     wanted = {key for j in jobs for key in expected_rows(j)}
     rows = [
         r for r in rows if (r["setting"], r["strategy"], r["k"], r["seed"], r["epochs"]) in wanted

@@ -44,14 +44,12 @@ import argparse
 import contextlib
 import functools
 import json
-import multiprocessing
 import re
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
@@ -65,6 +63,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.job_pool import run_jobs  # noqa: E402
 from benchmarks.rows_file import read_rows  # noqa: E402
 from benchmarks.unlearnable_service import (  # noqa: E402
     RECIPE_NAMES,
@@ -681,19 +680,10 @@ def main() -> int:
             service = stack.enter_context(serving(args.checkpoint_dir, data))
             for job in todo:
                 job.update(service)
-        # spawned, not forked: the target may have just been trained in this process, and a
-        # child forked after torch's OpenMP ran aborts ("fork() called from a process already
-        # using GNU OpenMP")
-        pool = stack.enter_context(
-            ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
-        )
-        sink = stack.enter_context(progress_path.open("a"))
-        for i, job_rows in enumerate(pool.map(run_job, todo), 1):
+        finished_rows = run_jobs(run_job, todo, workers=args.workers, rows_path=progress_path)
+        for i, job_rows in enumerate(finished_rows, 1):
             print(f"[{i}/{len(todo)} jobs done]", flush=True)
-            for row in job_rows:
-                rows.append(row)
-                sink.write(json.dumps(row) + "\n")
-            sink.flush()
+            rows += job_rows
     wanted = {(j["method"], j["eps"], j["seed"], j["epochs"], r) for j in jobs for r in j["rows"]}
     rows = [r for r in rows if (r["method"], r["eps"], r["seed"], r["epochs"], r["row"]) in wanted]
     rows = [r for r in rows if r["row"] != 2 or r["variant"] in args.archs]
