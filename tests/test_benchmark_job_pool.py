@@ -16,11 +16,19 @@ from benchmarks.rows_file import read_rows
 ROOT = Path(__file__).resolve().parents[1]
 
 
+SET_BY_THE_PARENT_AT_RUN_TIME: str | None = None
+
+
 def napping_job(job: dict) -> list[dict]:
     """A job for the pool: leave a '<job>-<pid>' file, sleep, return one row."""
     Path(job["folder"], f"{job['name']}-{os.getpid()}").touch()
     time.sleep(job["seconds"])
     return [{"job": job["name"]}]
+
+
+def forked_or_spawned_job(job: dict) -> list[dict]:
+    """A forked worker inherits what its parent set at run time; a spawned one imports afresh."""
+    return [{"seen": SET_BY_THE_PARENT_AT_RUN_TIME}]
 
 
 def alive(pid: int) -> bool:
@@ -51,6 +59,13 @@ def test_rows_reach_the_file_in_job_order_even_when_a_later_job_finishes_first(t
     assert [row["job"] for row in yielded] == [0, 1, 2, 3]
     assert read_rows(rows_path) == yielded
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+def test_workers_are_spawned_not_forked(tmp_path, monkeypatch):
+    """A child forked after torch's OpenMP ran in the parent aborts."""
+    monkeypatch.setattr(sys.modules[__name__], "SET_BY_THE_PARENT_AT_RUN_TIME", "parent")
+    rows = list(run_jobs(forked_or_spawned_job, [{}], workers=1, rows_path=tmp_path / "r.jsonl"))
+    assert rows == [[{"seen": None}]]
 
 
 def test_a_plain_kill_of_the_benchmark_stops_its_workers_and_keeps_finished_rows(tmp_path):
