@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import io
 import os
 import pickle
 import shutil
@@ -134,8 +135,12 @@ def _writable_mnist_root(data_root: Path) -> Path:
     if unpacked.exists() or _is_writable(raw):
         return data_root
     cache = Path.home() / ".cache" / "mlaas-range" / "mnist"
-    if not (cache / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
-        shutil.copytree(raw, cache / "MNIST" / "raw", dirs_exist_ok=True)
+    cache_raw = cache / "MNIST" / "raw"
+    cache_raw.mkdir(parents=True, exist_ok=True)
+    for archive in raw.glob("*.gz"):
+        if not (cache_raw / archive.name).exists():
+            with archive.open("rb") as source:
+                _write_atomically(cache_raw / archive.name, source)
     return cache
 
 
@@ -163,12 +168,17 @@ def _load_mnist(split: str, root: Path | None) -> tuple[torch.Tensor, torch.Tens
 
 
 def _gunzip_atomically(archive: Path) -> None:
-    """Unpack ``x.gz`` to ``x`` through a private temporary file, so that a process starting
-    beside this one never reads a half-written ``x`` (two benchmark seeds started together
-    once did)."""
-    target = archive.with_suffix("")
+    """Unpack ``x.gz`` to ``x`` (see ``_write_atomically``)."""
+    with gzip.open(archive, "rb") as source:
+        _write_atomically(archive.with_suffix(""), source)
+
+
+def _write_atomically(target: Path, source: io.BufferedIOBase) -> None:
+    """Copy ``source`` to ``target`` through a private temporary file, so that a process
+    starting beside this one never reads a half-written ``target`` (two benchmark seeds
+    started together once did)."""
     partial = target.with_name(f".{target.name}.{os.getpid()}.part")
-    with gzip.open(archive, "rb") as source, partial.open("wb") as sink:
+    with partial.open("wb") as sink:
         shutil.copyfileobj(source, sink)
     os.replace(partial, target)
 

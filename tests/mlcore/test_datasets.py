@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from mlcore import datasets
 from mlcore.datasets import (
     DATASETS,
     EMBEDDED_SPLIT,
@@ -240,3 +241,37 @@ def test_a_half_unpacked_archive_is_never_visible(
     _gunzip_atomically(archive)
     assert seen_while_writing == [False]
     assert archive.with_suffix("").read_bytes() == gzip.decompress(archive.read_bytes())
+
+
+def test_a_read_only_mnist_is_read_through_a_cache_copied_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchvision unpacks beside the archives; on a read-only root they are copied to a cache
+    first, each through a private file, so a process starting beside this one never reads a
+    half-copied archive (a plain tree copy let it)."""
+    arrays = write_mnist_gz(tmp_path / "shared")
+    raw = tmp_path / "shared" / "mnist" / "MNIST" / "raw"
+    monkeypatch.setattr(
+        datasets, "_is_writable", lambda folder: folder != raw
+    )  # root ignores modes
+    monkeypatch.setattr(Path, "home", lambda: tmp_path / "home")
+    cache_raw = tmp_path / "home" / ".cache" / "mlaas-range" / "mnist" / "MNIST" / "raw"
+    visible_while_written = {}  # target -> did it exist while its private copy was written
+    real_copy = shutil.copyfileobj
+
+    def copy_and_look(source, sink, *args):  # type: ignore[no-untyped-def]
+        real_copy(source, sink, *args)
+        partial = Path(sink.name)  # .<target>.<pid>.part
+        target = partial.parent / partial.name[1:].rsplit(".", 2)[0]
+        visible_while_written[target.relative_to(tmp_path)] = target.exists()
+
+    monkeypatch.setattr(shutil, "copyfileobj", copy_and_look)
+    train = load_dataset("mnist:train", data_root=tmp_path / "shared")
+    assert np.array_equal(train.images[:, 0].numpy(), arrays["train-images-idx3"])
+    copied = {(cache_raw / a.name).relative_to(tmp_path): False for a in raw.glob("*.gz")}
+    assert copied.items() <= visible_while_written.items()
+    assert not any(visible_while_written.values())
+    assert sorted(p.name for p in raw.iterdir()) == sorted(p.name for p in raw.glob("*.gz"))
+    for archive in raw.glob("*.gz"):
+        assert (cache_raw / archive.name).read_bytes() == archive.read_bytes()
+    assert not list(cache_raw.glob(".*"))  # no temporary file left
