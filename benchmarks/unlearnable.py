@@ -25,8 +25,8 @@ at each eps; for each seed we then measure, on the clean test set:
   the mean pairwise MI within each class (DRMI's Eq. 1) of the pool and of the selected set.
   (``benchmarks/unlearnable_service.py`` holds rows 3 and 6.)
 
-The clean baseline (method ``clean``) runs in the same run; the same protected images serve every
-row of a (method, eps, seed). Explicit options win over ``--quick``'s.
+The clean baseline (method ``clean``) runs in the same run (unless ``--no-clean``); the same
+protected images serve every row of a (method, eps, seed). Explicit options win over ``--quick``'s.
 
     python benchmarks/unlearnable.py --quick                      # embedded split, a smoke run
     python benchmarks/unlearnable.py --rows 4 5 --seeds 2 --eps 32/255   # the trainer's side
@@ -611,6 +611,10 @@ def main() -> int:
         help="a registered method with options, measured as a method of its own named LABEL "
         """(also a name for --methods), e.g. 'em-classwise-b14=em-classwise:{"block": 14}'""",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-clean", action="store_true",
+        help="skip the clean baseline (when another run with the same settings measured it)",
+    )  # fmt: skip
     parser.add_argument("--data-root", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=1, help="jobs run in parallel processes")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "unlearnable.json")
@@ -653,7 +657,8 @@ def main() -> int:
               "all_eps": args.eps, "data_root": args.data_root, "size": args.size,
               "recipes": args.recipes, "steal_ks": args.steal_ks,
               "steal_epochs": args.steal_epochs, "transfer_seeds": args.transfer_seeds}  # fmt: skip
-    jobs = [{"method": "clean", "eps": "-", "seed": seed, **common} for seed in range(args.seeds)]
+    baseline_seeds = [] if args.no_clean else range(args.seeds)
+    jobs = [{"method": "clean", "eps": "-", "seed": seed, **common} for seed in baseline_seeds]
     jobs += [
         {"method": method, "eps": eps, "seed": seed, **common}
         for seed in range(args.seeds)

@@ -2,10 +2,13 @@
 features from unpaired ones, the countermeasures keep images in [0, 1] and soft labels summing
 to one, the "first eps under a level" read-out picks the smallest eps, row 6's budgets above the
 pool are refused (the defaults capped, with a message) and its within-class MI sees class-wise
-noise; a --variant runs a method with options under its own label. Rows 3 and 6 against a
-real service: tests/e2e/test_unlearnable_rows_e2e.py."""
+noise; a --variant runs a method with options under its own label; --no-clean leaves the
+baseline to a later run. Rows 3 and 6 against a real service:
+tests/e2e/test_unlearnable_rows_e2e.py."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -177,3 +180,21 @@ def test_a_variant_is_a_method_with_options_under_its_own_label():
     (row,) = run_job(job)
     assert row["method"] == "b7" and row["variant"] == "linear"
     assert row["info"]["method"] == "em-classwise" and row["info"]["settings"]["block"] == 7
+
+
+def test_no_clean_skips_the_baseline_and_a_later_run_adds_it(monkeypatch, capsys, tmp_path):
+    """--no-clean measures only the protections; the same command without it resumes the rows
+    file and adds the clean baseline (the protected jobs already there are not run again)."""
+    output = tmp_path / "out.json"
+    argv = ["unlearnable.py", "--rows", "2", "--archs", "linear", "--size", "40", "--seeds", "1",
+            "--eps", "16/255", "--methods", "random", "--epochs", "1",
+            "--output", str(output)]  # fmt: skip
+    monkeypatch.setattr("sys.argv", [*argv, "--no-clean"])
+    assert unlearnable.main() == 0
+    report = json.loads(output.read_text())
+    assert [(r["method"], r["variant"]) for r in report["rows"]] == [("random", "linear")]
+    monkeypatch.setattr("sys.argv", argv)
+    assert unlearnable.main() == 0
+    assert "1 jobs done before, 1 to go" in capsys.readouterr().out
+    report = json.loads(output.read_text())
+    assert sorted(r["method"] for r in report["rows"]) == ["clean", "random"]
